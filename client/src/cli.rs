@@ -1,0 +1,247 @@
+//! `sluice`: run and check pipelines.
+//!
+//! Exit codes: 0 success, 1 the pipeline failed, 2 the command line or the
+//! pipeline file is invalid, 130 aborted by a second Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_coordinator::pipeline_runner::RunFailure;
+use sluice_coordinator::progress::{ProgressSink, RunSummary};
+use sluice_proto::spec::{PipelineSpec, SchemaSpec, Trigger, parse_pipeline};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::embedded::{Embedded, EmbeddedOptions};
+use crate::render::{peak_rss_bytes, render_progress, summary_lines};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "Load files incrementally into Delta Lake tables, exactly once.")]
+struct Cli {
+    /// Log filter (tracing syntax, e.g. `info` or `sluice_coordinator=debug`).
+    #[arg(long, env = "SLUICE_LOG", default_value = "warn", global = true)]
+    log: String,
+    /// Log line format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline in this process (the embedded runtime: no cluster needed).
+    Run {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+        /// Print the run summary as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Concurrent tasks (worker slots); the number of cores by default.
+        #[arg(long, env = "SLUICE_SLOTS")]
+        slots: Option<usize>,
+    },
+    /// Check a pipeline file (keys, values, schema, transform SQL) without running it.
+    Validate {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_format);
+    match cli.command {
+        Command::Run { pipeline, json, slots } => {
+            let Some(spec) = load_spec(&pipeline) else { return ExitCode::from(2) };
+            let mut options = EmbeddedOptions::default();
+            if let Some(slots) = slots {
+                options.slots = slots;
+            }
+            run(&spec, options, json)
+        }
+        Command::Validate { pipeline } => {
+            let Some(spec) = load_spec(&pipeline) else { return ExitCode::from(2) };
+            validate(&spec)
+        }
+    }
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Reads and validates the pipeline file; prints the error and returns `None` if it is not valid.
+fn load_spec(path: &Path) -> Option<PipelineSpec> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: cannot read the pipeline file {}: {e}", path.display());
+            return None;
+        }
+    };
+    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let base = base.and_then(|p| std::path::absolute(p).ok());
+    match parse_pipeline(&text, base.as_deref()) {
+        Ok(spec) => Some(spec),
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+fn coordinator_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("sluice-coordinator").enable_all().build()
+}
+
+fn run(spec: &PipelineSpec, options: EmbeddedOptions, json: bool) -> ExitCode {
+    let (runtime, embedded) = match (coordinator_runtime(), Embedded::start(options)) {
+        (Ok(runtime), Ok(embedded)) => (runtime, embedded),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        tokio::spawn(stop_on_signals(cancel.clone(), spec.trigger));
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let renderer = tokio::spawn(render_progress(receiver));
+        let result = embedded.run(spec, ProgressSink::new(sender), cancel).await;
+        let _ = renderer.await;
+        result
+    });
+    drop(embedded);
+    drop(runtime);
+    match result {
+        Ok(summary) => {
+            print_summary(&summary, None, json);
+            ExitCode::SUCCESS
+        }
+        Err(RunFailure { error, summary }) => {
+            eprintln!("error: {error}");
+            if error.is_retryable() {
+                eprintln!("hint: the error may be transient; running the pipeline again resumes where it stopped");
+            } else {
+                eprintln!("hint: nothing of the failed batch was committed; fix the cause and run again to resume");
+            }
+            print_summary(&summary, Some(error.to_string()), json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_summary(summary: &RunSummary, error: Option<String>, json: bool) {
+    if json {
+        let mut value = serde_json::to_value(summary).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("peak_rss_bytes".to_string(), peak_rss_bytes().into());
+            if let Some(error) = error {
+                object.insert("error".to_string(), error.into());
+            }
+        }
+        println!("{value}");
+    } else {
+        for line in summary_lines(summary) {
+            println!("{line}");
+        }
+    }
+}
+
+/// First Ctrl-C or SIGTERM: stop after the current batch. Second: abort at once
+/// (safe too: an interrupted batch is finished by the next run).
+async fn stop_on_signals(cancel: CancellationToken, trigger: Trigger) {
+    let mut stops = 0;
+    loop {
+        wait_for_stop_signal().await;
+        stops += 1;
+        if stops > 1 {
+            eprintln!("aborting; the interrupted batch will be finished by the next run");
+            std::process::exit(130);
+        }
+        if trigger != Trigger::AvailableNow || !cancel.is_cancelled() {
+            eprintln!("stopping after the current batch (press Ctrl-C again to abort now)");
+        }
+        cancel.cancel();
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn validate(spec: &PipelineSpec) -> ExitCode {
+    let runtime = match coordinator_runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("pipeline {}: {} flow(s), checkpoint {}", spec.name, spec.flows.len(), spec.checkpoint);
+    let mut valid = true;
+    for flow in &spec.flows {
+        let source = flow.files_source();
+        println!(
+            "  {}: {:?} files in {} -> {} (txn app id {})",
+            flow.name,
+            source.format,
+            source.location,
+            flow.sink.table,
+            flow.app_id(&spec.name)
+        );
+        let SchemaSpec::Declared(schema) = &source.schema else {
+            println!("    schema: inferred from the first batch; the transform is checked then");
+            continue;
+        };
+        let checked = runtime.block_on(async {
+            let relation = sluice_worker::metadata::with_metadata_field(schema).map_err(|e| e.to_string())?;
+            sluice_worker::transform::output_schema(Arc::clone(&relation), flow.transform.as_deref())
+                .await
+                .map_err(|e| e.to_string())
+        });
+        match checked {
+            Ok(output) => {
+                let columns: Vec<String> =
+                    output.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect();
+                println!("    output columns: {}", columns.join(", "));
+            }
+            Err(e) => {
+                valid = false;
+                eprintln!("error: flow `{}`: {e}", flow.name);
+            }
+        }
+    }
+    if valid { ExitCode::SUCCESS } else { ExitCode::from(2) }
+}

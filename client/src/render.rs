@@ -1,0 +1,142 @@
+//! Progress output for `sluice run`: a progress bar on a terminal, plain lines
+//! otherwise (logs, CI), and the final summary.
+
+use std::io::IsTerminal;
+
+use bytesize::ByteSize;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sluice_coordinator::progress::{BatchReport, ProgressEvent, RunSummary};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Prints events until the sender side is dropped.
+pub async fn render_progress(mut events: UnboundedReceiver<ProgressEvent>) {
+    let bar = std::io::stderr().is_terminal().then(new_bar);
+    while let Some(event) = events.recv().await {
+        match &bar {
+            Some(bar) => draw(bar, &event),
+            None => {
+                if let Some(line) = line_for(&event) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+fn new_bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+fn draw(bar: &ProgressBar, event: &ProgressEvent) {
+    match event {
+        ProgressEvent::BatchStarted { flow, batch, files, bytes, .. } => {
+            bar.set_prefix(format!("{flow} batch {batch}"));
+            bar.set_length(*bytes);
+            bar.set_position(0);
+            bar.set_message(format!("{files} files"));
+        }
+        ProgressEvent::TaskFinished { bytes, .. } => bar.inc(*bytes),
+        other => {
+            if let Some(line) = line_for(other) {
+                bar.println(line);
+            }
+        }
+    }
+}
+
+/// The plain-text line for an event, if it gets one.
+pub fn line_for(event: &ProgressEvent) -> Option<String> {
+    Some(match event {
+        ProgressEvent::BatchStarted { flow, batch, files, bytes, tasks, resumed } => {
+            let how = if *resumed { "resuming" } else { "starting" };
+            format!("{flow}: {how} batch {batch}: {files} files, {} in {tasks} tasks", ByteSize(*bytes))
+        }
+        ProgressEvent::TaskFinished { .. } => return None,
+        ProgressEvent::TaskRetried { flow, batch, message } => {
+            format!("{flow}: batch {batch}: a task failed and runs again: {message}")
+        }
+        ProgressEvent::BatchCommitted(report) => committed_line(report),
+        ProgressEvent::RewrittenFileSkipped { flow, file } => {
+            format!(
+                "{flow}: warning: {file} changed after it was ingested; skipped (allow_overwrites: true ingests it again)"
+            )
+        }
+        ProgressEvent::PlannedFileVanished { flow, batch, file } => {
+            format!("{flow}: warning: {file} was deleted before batch {batch} committed; it is left out")
+        }
+        ProgressEvent::FlowCaughtUp { flow } => format!("{flow}: caught up"),
+        ProgressEvent::Waiting { seconds } => format!("waiting {seconds:.1}s for the next round"),
+    })
+}
+
+fn committed_line(report: &BatchReport) -> String {
+    let version = match report.version {
+        Some(version) => format!("Delta version {version}"),
+        None => "already in the table".to_string(),
+    };
+    format!(
+        "{}: batch {} committed: {} files, {} rows, {} in {:.2}s -> {version}",
+        report.flow,
+        report.batch,
+        report.files,
+        report.rows,
+        ByteSize(report.bytes),
+        report.seconds
+    )
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), if the platform tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The human summary printed at the end of a run.
+pub fn summary_lines(summary: &RunSummary) -> Vec<String> {
+    let mut lines = Vec::with_capacity(summary.flows.len() + 1);
+    for flow in &summary.flows {
+        let versions = match (flow.versions.first(), flow.versions.last()) {
+            (Some(first), Some(last)) if first == last => format!(", Delta version {first}"),
+            (Some(first), Some(last)) => format!(", Delta versions {first}..{last}"),
+            _ => String::new(),
+        };
+        lines.push(format!(
+            "  {}: {} batches, {} files, {} rows, {}{versions} -> {}",
+            flow.name,
+            flow.batches,
+            flow.files,
+            flow.rows,
+            ByteSize(flow.bytes),
+            flow.table
+        ));
+    }
+    if let Some(peak) = peak_rss_bytes() {
+        lines.push(format!("  peak memory: {}", ByteSize(peak)));
+    }
+    let rate = if summary.seconds > 0.0 { summary.bytes as f64 / summary.seconds } else { 0.0 };
+    lines.insert(
+        0,
+        format!(
+            "pipeline {}: {} batches, {} files, {} rows, {} in {:.2}s ({}/s)",
+            summary.pipeline,
+            summary.batches,
+            summary.files,
+            summary.rows,
+            ByteSize(summary.bytes),
+            summary.seconds,
+            ByteSize(rate as u64)
+        ),
+    );
+    lines
+}

@@ -1,0 +1,475 @@
+//! Runs one flow: recover, discover, plan, execute through workers, commit.
+//!
+//! The order of durable steps is what makes a batch exactly-once (see
+//! `docs/DESIGN.md`): the plan is written to the checkpoint before any task
+//! runs; the Delta commit carries the flow's txn; the ledger entry is written
+//! after the commit. On start, a plan without a ledger entry is checked against
+//! the table's txn: committed plans get their ledger entry, and the one
+//! uncommitted plan is run again with the same files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use deltalake::kernel::Add;
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::KvStore;
+use sluice_proto::queue::TaskQueue;
+use sluice_proto::spec::{FlowSpec, SchemaSpec};
+use sluice_proto::task::{SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
+use sluice_proto::timing::LeaseTimings;
+use sluice_worker::failpoint;
+use sluice_worker::formats::{InferLimits, infer_schema};
+use sluice_worker::metadata::with_metadata_field;
+use sluice_worker::storage::store_for;
+use sluice_worker::transform;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::checkpoint::{BatchPlan, Checkpoint, CommitRecord, SchemaRecord};
+use crate::commit::{BatchCommit, CommitOutcome, commit_batch, committed_batch, load_table};
+use crate::discovery::{Ledger, list_source};
+use crate::error::CoordinatorError;
+use crate::planner::{next_batch, split_into_tasks};
+use crate::progress::{BatchReport, FlowSummary, ProgressEvent, ProgressSink};
+use crate::table_schema::{check_appendable, to_delta};
+
+/// A task that failed with a retryable error is handed out this many times in all.
+pub const MAX_TASK_ATTEMPTS: u32 = 3;
+
+/// What a flow runner needs from its surroundings.
+#[derive(Clone)]
+pub struct FlowContext {
+    pub pipeline: String,
+    pub flow: FlowSpec,
+    pub checkpoint: Arc<Checkpoint>,
+    pub kv: Arc<dyn KvStore>,
+    pub keys: Keys,
+    /// Worker slots available, for splitting batches into tasks.
+    pub parallelism: usize,
+    pub timings: LeaseTimings,
+    pub progress: ProgressSink,
+}
+
+/// The flow's progress as recovered from the checkpoint and the table.
+struct FlowState {
+    ledger: Ledger,
+    next_batch: u64,
+    /// A planned batch that is not committed yet: it runs next, with the same files.
+    pending: Option<BatchPlan>,
+    schema: Option<SchemaRecord>,
+}
+
+pub struct FlowRunner {
+    ctx: FlowContext,
+    state: Option<FlowState>,
+    warned_rewrites: HashSet<SourceFile>,
+}
+
+impl FlowRunner {
+    pub fn new(ctx: FlowContext) -> Self {
+        Self { ctx, state: None, warned_rewrites: HashSet::new() }
+    }
+
+    fn flow(&self) -> &str {
+        &self.ctx.flow.name
+    }
+
+    fn delta_error(&self, source: deltalake::DeltaTableError) -> CoordinatorError {
+        CoordinatorError::Delta { flow: self.flow().to_string(), table: self.ctx.flow.sink.table.to_string(), source }
+    }
+
+    /// Runs batches until every file listed at the start is committed, or `cancel`
+    /// is set (checked between batches).
+    pub async fn run_until_caught_up(
+        &mut self,
+        cancel: &CancellationToken,
+        summary: &mut FlowSummary,
+    ) -> Result<(), CoordinatorError> {
+        let mut state = match self.state.take() {
+            Some(state) => state,
+            None => self.load_state().await?,
+        };
+        let source = self.ctx.flow.files_source().clone();
+        let listed = list_source(self.flow(), &source).await?;
+        if let Some(plan) = state.pending.take() {
+            if let Some(plan) = self.drop_vanished_files(plan, &listed).await? {
+                self.run_and_record(&plan, &mut state, summary, true).await?;
+            }
+        }
+        let discovered = state.ledger.compare(listed);
+        let mut new = discovered.new;
+        for file in discovered.rewritten {
+            if source.allow_overwrites {
+                new.push(file);
+            } else if self.warned_rewrites.insert(file.clone()) {
+                warn!(flow = self.flow(), file = %file.url, "file changed after it was ingested; skipping it (set allow_overwrites: true to ingest it again)");
+                self.ctx
+                    .progress
+                    .send(ProgressEvent::RewrittenFileSkipped { flow: self.flow().to_string(), file: file.url });
+            }
+        }
+        new.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
+        while !new.is_empty() && !cancel.is_cancelled() {
+            let files = next_batch(&new, source.max_files_per_batch, source.max_bytes_per_batch);
+            let planned = BatchPlan { batch: state.next_batch, files, planned_at_us: now_us() };
+            let plan = self.ctx.checkpoint.create_plan(self.flow(), &planned).await?;
+            let foreign = plan != planned;
+            if foreign {
+                warn!(flow = self.flow(), batch = plan.batch, "another run planned this batch first; running its plan");
+            }
+            self.run_and_record(&plan, &mut state, summary, foreign).await?;
+            // Drop what this batch ingested (its files may differ from ours if another run planned it).
+            new.retain(|file| !state.ledger.contains(file));
+        }
+        self.state = Some(state);
+        self.ctx.progress.send(ProgressEvent::FlowCaughtUp { flow: self.flow().to_string() });
+        Ok(())
+    }
+
+    async fn run_and_record(
+        &mut self,
+        plan: &BatchPlan,
+        state: &mut FlowState,
+        summary: &mut FlowSummary,
+        resumed: bool,
+    ) -> Result<(), CoordinatorError> {
+        let report = self.run_batch(plan, state, resumed).await?;
+        state.ledger.record(&plan.files);
+        state.next_batch = plan.batch + 1;
+        summary.add(&report);
+        self.ctx.progress.send(ProgressEvent::BatchCommitted(report));
+        Ok(())
+    }
+
+    /// Rebuilds the flow's state from the checkpoint and the table's txn, repairing
+    /// ledger entries that a crash after the commit left out.
+    async fn load_state(&self) -> Result<FlowState, CoordinatorError> {
+        let checkpoint = &self.ctx.checkpoint;
+        let plans = checkpoint.plans(self.flow()).await?;
+        let commits = checkpoint.commits(self.flow()).await?;
+        let table = load_table(&self.ctx.flow.sink.table).await.map_err(|e| self.delta_error(e))?;
+        let txn = match &table {
+            Some(table) => committed_batch(table, &self.ctx.flow.app_id(&self.ctx.pipeline))
+                .await
+                .map_err(|e| self.delta_error(e))?,
+            None => None,
+        };
+        let mut ledger = Ledger::default();
+        let mut pending: Option<BatchPlan> = None;
+        for plan in &plans {
+            let committed = commits.contains_key(&plan.batch) || txn.is_some_and(|t| t >= plan.batch);
+            if !committed {
+                if let Some(earlier) = &pending {
+                    return Err(CoordinatorError::Checkpoint {
+                        location: self.ctx.flow.sink.table.to_string(),
+                        message: format!(
+                            "batches {} and {} of flow `{}` are both planned and uncommitted; the checkpoint does not belong to this table",
+                            earlier.batch,
+                            plan.batch,
+                            self.flow()
+                        ),
+                    });
+                }
+                pending = Some(plan.clone());
+                continue;
+            }
+            if !commits.contains_key(&plan.batch) {
+                info!(
+                    flow = self.flow(),
+                    batch = plan.batch,
+                    "batch is in the table but not in the ledger; recording it"
+                );
+                let record = CommitRecord {
+                    batch: plan.batch,
+                    delta_version: None,
+                    files: plan.files.len() as u64,
+                    rows: None,
+                    bytes: plan.bytes(),
+                };
+                checkpoint.record_commit(self.flow(), &record).await?;
+            }
+            ledger.record(&plan.files);
+        }
+        let after_plans = plans.last().map_or(1, |p| p.batch + 1);
+        let after_txn = txn.map_or(1, |t| t + 1);
+        let schema = checkpoint.latest_schema(self.flow()).await?;
+        info!(
+            flow = self.flow(),
+            ingested_files = ledger.len(),
+            pending = pending.as_ref().map(|p| p.batch),
+            "flow state recovered"
+        );
+        Ok(FlowState { ledger, next_batch: after_plans.max(after_txn), pending, schema })
+    }
+
+    /// A planned, uncommitted batch whose files were deleted in the meantime loses
+    /// those files (they cannot be read); if none is left, the plan is withdrawn.
+    async fn drop_vanished_files(
+        &self,
+        mut plan: BatchPlan,
+        listed: &[SourceFile],
+    ) -> Result<Option<BatchPlan>, CoordinatorError> {
+        let present: HashSet<&str> = listed.iter().map(|f| f.url.as_str()).collect();
+        let (kept, vanished): (Vec<SourceFile>, Vec<SourceFile>) =
+            plan.files.into_iter().partition(|f| present.contains(f.url.as_str()));
+        plan.files = kept;
+        if vanished.is_empty() {
+            return Ok(Some(plan));
+        }
+        for file in vanished {
+            warn!(flow = self.flow(), batch = plan.batch, file = %file.url, "file of an uncommitted batch was deleted; it is left out");
+            self.ctx.progress.send(ProgressEvent::PlannedFileVanished {
+                flow: self.flow().to_string(),
+                batch: plan.batch,
+                file: file.url,
+            });
+        }
+        if plan.files.is_empty() {
+            self.ctx.checkpoint.delete_plan(self.flow(), plan.batch).await?;
+            return Ok(None);
+        }
+        self.ctx.checkpoint.replace_plan(self.flow(), &plan).await?;
+        Ok(Some(plan))
+    }
+
+    /// The schema files are decoded into: declared, or inferred once from the first batch.
+    async fn source_schema(&self, state: &mut FlowState, plan: &BatchPlan) -> Result<SchemaRef, CoordinatorError> {
+        let source = self.ctx.flow.files_source();
+        if let SchemaSpec::Declared(schema) = &source.schema {
+            return Ok(schema.clone());
+        }
+        if let Some(record) = &state.schema {
+            return Ok(Arc::new(record.schema.clone()));
+        }
+        let worker_error = |source| CoordinatorError::Worker { flow: self.flow().to_string(), source };
+        let (store, _) = store_for(&source.location).map_err(worker_error)?;
+        let inferred = infer_schema(&store, &plan.files, source.format, &source.csv, InferLimits::default())
+            .await
+            .map_err(|e| worker_error(e.into()))?;
+        if inferred.fields().is_empty() {
+            return Ok(Arc::new(inferred));
+        }
+        info!(flow = self.flow(), columns = inferred.fields().len(), "schema inferred from the first batch");
+        let record = SchemaRecord { version: 1, schema: inferred, origin: "inferred".to_string() };
+        let record = self.ctx.checkpoint.record_schema(self.flow(), &record).await?;
+        let schema = Arc::new(record.schema.clone());
+        state.schema = Some(record);
+        Ok(schema)
+    }
+
+    /// The schema rows are written with, and the Delta schema for creating the table.
+    async fn table_schema(
+        &self,
+        source_schema: &SchemaRef,
+    ) -> Result<(Schema, deltalake::kernel::StructType), CoordinatorError> {
+        let schema_error = |message: String| CoordinatorError::Schema { flow: self.flow().to_string(), message };
+        let relation = with_metadata_field(source_schema).map_err(|e| schema_error(e.to_string()))?;
+        let produced = transform::output_schema(relation, self.ctx.flow.transform.as_deref())
+            .await
+            .map_err(|source| CoordinatorError::Worker { flow: self.flow().to_string(), source })?;
+        let (delta, arrow) = to_delta(&produced).map_err(schema_error)?;
+        for column in &self.ctx.flow.sink.partition_by {
+            if arrow.field_with_name(column).is_err() {
+                return Err(schema_error(format!(
+                    "sink.partition_by names `{column}`, which the flow does not produce"
+                )));
+            }
+        }
+        let Some(table) = load_table(&self.ctx.flow.sink.table).await.map_err(|e| self.delta_error(e))? else {
+            return Ok((arrow, delta));
+        };
+        let snapshot = table.snapshot().map_err(|e| self.delta_error(e))?;
+        let existing = snapshot.snapshot().arrow_schema();
+        check_appendable(&existing, &arrow)
+            .map_err(|m| schema_error(format!("table {}: {m}", self.ctx.flow.sink.table)))?;
+        Ok((existing.as_ref().clone(), delta))
+    }
+
+    async fn run_batch(
+        &self,
+        plan: &BatchPlan,
+        state: &mut FlowState,
+        resumed: bool,
+    ) -> Result<BatchReport, CoordinatorError> {
+        let started = Instant::now();
+        let flow = self.flow().to_string();
+        let source_schema = self.source_schema(state, plan).await?;
+        if source_schema.fields().is_empty() {
+            // Only empty files so far, and no schema to infer from: nothing to write.
+            let record = CommitRecord {
+                batch: plan.batch,
+                delta_version: None,
+                files: plan.files.len() as u64,
+                rows: Some(0),
+                bytes: plan.bytes(),
+            };
+            self.ctx.checkpoint.record_commit(&flow, &record).await?;
+            return Ok(BatchReport {
+                flow,
+                batch: plan.batch,
+                files: record.files,
+                rows: 0,
+                bytes: record.bytes,
+                seconds: 0.0,
+                version: None,
+            });
+        }
+        let (table_schema, delta_schema) = self.table_schema(&source_schema).await?;
+        let tasks = self.tasks_for(plan, &source_schema, &table_schema);
+        self.ctx.progress.send(ProgressEvent::BatchStarted {
+            flow: flow.clone(),
+            batch: plan.batch,
+            files: plan.files.len() as u64,
+            bytes: plan.bytes(),
+            tasks: tasks.len(),
+            resumed,
+        });
+        info!(flow, batch = plan.batch, files = plan.files.len(), tasks = tasks.len(), resumed, "batch started");
+        let queue = TaskQueue { kv: self.ctx.kv.as_ref(), keys: &self.ctx.keys };
+        queue.clear_batch(&self.ctx.pipeline, &flow, plan.batch).await?;
+        queue.publish(&tasks).await?;
+        let results = self.await_tasks(&queue, tasks, plan.batch).await;
+        queue.clear_batch(&self.ctx.pipeline, &flow, plan.batch).await?;
+        let results = results?;
+
+        failpoint::hit(failpoint::BEFORE_COMMIT).await;
+        let rows: u64 = results.iter().map(|r| r.rows).sum();
+        let adds = results
+            .iter()
+            .flat_map(|r| r.adds.iter())
+            .map(|value| serde_json::from_value::<Add>(value.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CoordinatorError::BatchFailed {
+                flow: flow.clone(),
+                batch: plan.batch,
+                message: format!("a worker returned a malformed add action: {e}"),
+            })?;
+        let request = BatchCommit {
+            table_url: self.ctx.flow.sink.table.clone(),
+            app_id: self.ctx.flow.app_id(&self.ctx.pipeline),
+            batch: plan.batch,
+            adds,
+            schema: delta_schema,
+            partition_by: self.ctx.flow.sink.partition_by.clone(),
+            properties: self.ctx.flow.sink.properties.clone(),
+            info: commit_info(&self.ctx.pipeline, &flow, plan, rows),
+        };
+        let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
+            flow: flow.clone(),
+            batch: plan.batch,
+            table: request.table_url.to_string(),
+            message: e.to_string(),
+        })?;
+        failpoint::hit(failpoint::AFTER_COMMIT).await;
+        let version = match outcome {
+            CommitOutcome::Committed { version } => Some(version),
+            CommitOutcome::AlreadyCommitted => None,
+        };
+        let record = CommitRecord {
+            batch: plan.batch,
+            delta_version: version,
+            files: plan.files.len() as u64,
+            rows: Some(rows),
+            bytes: plan.bytes(),
+        };
+        self.ctx.checkpoint.record_commit(&flow, &record).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        info!(flow, batch = plan.batch, rows, version, seconds, "batch committed");
+        Ok(BatchReport { flow, batch: plan.batch, files: record.files, rows, bytes: record.bytes, seconds, version })
+    }
+
+    fn tasks_for(&self, plan: &BatchPlan, source_schema: &SchemaRef, table_schema: &Schema) -> Vec<TaskSpec> {
+        let source = self.ctx.flow.files_source();
+        split_into_tasks(&plan.files, self.ctx.parallelism)
+            .into_iter()
+            .enumerate()
+            .map(|(index, files)| TaskSpec {
+                id: TaskId {
+                    pipeline: self.ctx.pipeline.clone(),
+                    flow: self.flow().to_string(),
+                    batch: plan.batch,
+                    index: index as u32,
+                },
+                attempt: 0,
+                files,
+                format: source.format,
+                csv: source.csv.clone(),
+                source_schema: source_schema.as_ref().clone(),
+                transform: self.ctx.flow.transform.clone(),
+                table_url: self.ctx.flow.sink.table.to_string(),
+                table_schema: table_schema.clone(),
+                partition_by: self.ctx.flow.sink.partition_by.clone(),
+                ingest_time_us: plan.planned_at_us,
+            })
+            .collect()
+    }
+
+    /// Waits for every task's outcome; retries retryable failures up to
+    /// [`MAX_TASK_ATTEMPTS`]; fails on the first failure that is not retryable.
+    async fn await_tasks(
+        &self,
+        queue: &TaskQueue<'_>,
+        mut tasks: Vec<TaskSpec>,
+        batch: u64,
+    ) -> Result<Vec<TaskResult>, CoordinatorError> {
+        let flow = self.flow().to_string();
+        let mut done: BTreeMap<u32, TaskResult> = BTreeMap::new();
+        while done.len() < tasks.len() {
+            let (revision, outcomes) = queue.outcomes(&self.ctx.pipeline, &flow, batch).await?;
+            for (index, outcome) in outcomes {
+                let Some(task) = tasks.get_mut(index as usize) else { continue };
+                if done.contains_key(&index) {
+                    continue;
+                }
+                match outcome {
+                    TaskOutcome::Done(result) => {
+                        self.ctx.progress.send(ProgressEvent::TaskFinished {
+                            flow: flow.clone(),
+                            batch,
+                            rows: result.rows,
+                            files: result.files,
+                            bytes: result.bytes_read,
+                        });
+                        done.insert(index, result);
+                    }
+                    TaskOutcome::Failed(failure) if failure.retryable && task.attempt + 1 < MAX_TASK_ATTEMPTS => {
+                        warn!(flow, batch, task = index, error = %failure.message, "task failed; handing it out again");
+                        self.ctx.progress.send(ProgressEvent::TaskRetried {
+                            flow: flow.clone(),
+                            batch,
+                            message: failure.message,
+                        });
+                        queue.retry(task).await?;
+                        task.attempt += 1;
+                    }
+                    TaskOutcome::Failed(failure) => {
+                        return Err(CoordinatorError::BatchFailed { flow, batch, message: failure.message });
+                    }
+                }
+            }
+            if done.len() < tasks.len() {
+                queue
+                    .wait_for_outcomes(&self.ctx.pipeline, &flow, batch, revision, self.ctx.timings.poll_interval())
+                    .await?;
+            }
+        }
+        Ok(done.into_values().collect())
+    }
+}
+
+fn commit_info(pipeline: &str, flow: &str, plan: &BatchPlan, rows: u64) -> BTreeMap<String, serde_json::Value> {
+    BTreeMap::from([
+        ("sluice.pipeline".to_string(), pipeline.into()),
+        ("sluice.flow".to_string(), flow.into()),
+        ("sluice.batch".to_string(), plan.batch.into()),
+        ("sluice.files".to_string(), (plan.files.len() as u64).into()),
+        ("sluice.rows".to_string(), rows.into()),
+        ("sluice.bytes".to_string(), plan.bytes().into()),
+    ])
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}

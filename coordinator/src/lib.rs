@@ -1,0 +1,21 @@
+//! The Sluice coordinator: the control plane, and the only role that commits.
+//!
+//! For each flow it discovers new source files ([`discovery`]), fixes the next
+//! micro-batch in the pipeline's checkpoint before any task runs
+//! ([`checkpoint`], [`planner`]), hands the batch's tasks to workers through the
+//! task queue, and commits their data files in one Delta commit carrying the
+//! flow's `txn` action ([`commit`]). [`flow_runner`] ties these together and
+//! [`pipeline_runner`] runs all flows of a pipeline on its trigger. The
+//! protocol is described in `docs/DESIGN.md`.
+
+pub mod checkpoint;
+pub mod commit;
+pub mod discovery;
+pub mod error;
+pub mod flow_runner;
+pub mod pipeline_runner;
+pub mod planner;
+pub mod progress;
+pub mod table_schema;
+
+pub use error::CoordinatorError;

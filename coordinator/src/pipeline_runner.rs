@@ -1,0 +1,98 @@
+//! Runs every flow of a pipeline on the pipeline's trigger.
+//!
+//! `available_now`: each flow, in file order, catches up with the files there
+//! are, then the run ends. `interval`: rounds of that, one every interval,
+//! until cancelled; cancellation is honoured between batches, so a stop never
+//! leaves a batch half-done (and a kill would not either: see `docs/DESIGN.md`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::KvStore;
+use sluice_proto::spec::{PipelineSpec, Trigger};
+use sluice_proto::timing::LeaseTimings;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::CoordinatorError;
+use crate::flow_runner::{FlowContext, FlowRunner};
+use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
+
+/// Where a pipeline runs: the coordination store its tasks go through, and how
+/// many worker slots serve it.
+#[derive(Clone)]
+pub struct RunEnvironment {
+    pub kv: Arc<dyn KvStore>,
+    pub keys: Keys,
+    pub parallelism: usize,
+    pub timings: LeaseTimings,
+    pub progress: ProgressSink,
+}
+
+/// A failed run: the error, and what was committed before it.
+#[derive(Debug)]
+pub struct RunFailure {
+    pub error: CoordinatorError,
+    pub summary: RunSummary,
+}
+
+pub async fn run_pipeline(
+    spec: &PipelineSpec,
+    env: RunEnvironment,
+    cancel: CancellationToken,
+) -> Result<RunSummary, RunFailure> {
+    let started = Instant::now();
+    let mut summaries: Vec<FlowSummary> = spec
+        .flows
+        .iter()
+        .map(|f| FlowSummary { name: f.name.clone(), table: f.sink.table.to_string(), ..Default::default() })
+        .collect();
+    let result = run_rounds(spec, &env, &cancel, &mut summaries).await;
+    let summary = RunSummary::from_flows(&spec.name, summaries, started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => Ok(summary),
+        Err(error) => Err(RunFailure { error, summary }),
+    }
+}
+
+async fn run_rounds(
+    spec: &PipelineSpec,
+    env: &RunEnvironment,
+    cancel: &CancellationToken,
+    summaries: &mut [FlowSummary],
+) -> Result<(), CoordinatorError> {
+    let checkpoint = Arc::new(Checkpoint::open(&spec.checkpoint)?);
+    let mut runners: Vec<FlowRunner> = spec
+        .flows
+        .iter()
+        .map(|flow| {
+            FlowRunner::new(FlowContext {
+                pipeline: spec.name.clone(),
+                flow: flow.clone(),
+                checkpoint: checkpoint.clone(),
+                kv: env.kv.clone(),
+                keys: env.keys.clone(),
+                parallelism: env.parallelism,
+                timings: env.timings,
+                progress: env.progress.clone(),
+            })
+        })
+        .collect();
+    loop {
+        let round_started = Instant::now();
+        for (runner, summary) in runners.iter_mut().zip(summaries.iter_mut()) {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            runner.run_until_caught_up(cancel, summary).await?;
+        }
+        let Trigger::Interval(interval) = spec.trigger else { return Ok(()) };
+        let wait = interval.saturating_sub(round_started.elapsed());
+        env.progress.send(ProgressEvent::Waiting { seconds: wait.as_secs_f64() });
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! What a run reports while it works, and its summary.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub enum ProgressEvent {
+    /// A batch's files are fixed in the checkpoint and its tasks are about to run.
+    BatchStarted {
+        flow: String,
+        batch: u64,
+        files: u64,
+        bytes: u64,
+        tasks: usize,
+        resumed: bool,
+    },
+    TaskFinished {
+        flow: String,
+        batch: u64,
+        rows: u64,
+        files: u64,
+        bytes: u64,
+    },
+    /// A task failed and was handed out again.
+    TaskRetried {
+        flow: String,
+        batch: u64,
+        message: String,
+    },
+    BatchCommitted(BatchReport),
+    /// A file that was ingested before has changed; it is skipped (`allow_overwrites: false`).
+    RewrittenFileSkipped {
+        flow: String,
+        file: String,
+    },
+    /// A file of an uncommitted batch was deleted before the batch could commit.
+    PlannedFileVanished {
+        flow: String,
+        batch: u64,
+        file: String,
+    },
+    FlowCaughtUp {
+        flow: String,
+    },
+    /// Interval trigger: the next round starts after this long.
+    Waiting {
+        seconds: f64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchReport {
+    pub flow: String,
+    pub batch: u64,
+    pub files: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// The Delta version committed; `None` when the batch turned out to be committed already.
+    pub version: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlowSummary {
+    pub name: String,
+    pub table: String,
+    pub batches: u64,
+    pub files: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Delta versions committed by this run, in order.
+    pub versions: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub pipeline: String,
+    pub flows: Vec<FlowSummary>,
+    pub batches: u64,
+    pub files: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl FlowSummary {
+    pub fn add(&mut self, report: &BatchReport) {
+        self.batches += 1;
+        self.files += report.files;
+        self.rows += report.rows;
+        self.bytes += report.bytes;
+        self.versions.extend(report.version);
+    }
+}
+
+impl RunSummary {
+    pub fn from_flows(pipeline: &str, flows: Vec<FlowSummary>, seconds: f64) -> Self {
+        Self {
+            pipeline: pipeline.to_string(),
+            batches: flows.iter().map(|f| f.batches).sum(),
+            files: flows.iter().map(|f| f.files).sum(),
+            rows: flows.iter().map(|f| f.rows).sum(),
+            bytes: flows.iter().map(|f| f.bytes).sum(),
+            flows,
+            seconds,
+        }
+    }
+}
+
+/// Where progress events go; sending never blocks and never fails the run.
+#[derive(Clone)]
+pub struct ProgressSink(Option<tokio::sync::mpsc::UnboundedSender<ProgressEvent>>);
+
+impl ProgressSink {
+    pub fn new(sender: tokio::sync::mpsc::UnboundedSender<ProgressEvent>) -> Self {
+        Self(Some(sender))
+    }
+
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    pub fn send(&self, event: ProgressEvent) {
+        if let Some(sender) = &self.0 {
+            let _ = sender.send(event);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The contract between Sluice processes.
+//!
+//! - [`spec`]: the pipeline file (YAML) as users write it, and the validated
+//!   [`spec::PipelineSpec`] every other crate works with.
+//! - [`schema_ddl`]: SQL-DDL style schemas (`a STRING, b ARRAY<STRUCT<c BIGINT>>`).
+//! - [`task`]: what a coordinator asks a worker to do and what the worker hands back.
+//! - [`kv`]: the coordination store trait (leases, claims, the task queue) with an
+//!   in-memory implementation; [`keys`] documents the key layout in one place.
+//! - [`queue`]: the task queue protocol built on [`kv::KvStore`].
+//! - [`timing`]: lease and heartbeat timings, derived from one TTL.
+//!
+//! Nothing in this crate performs file or network I/O.
+
+pub mod keys;
+pub mod kv;
+pub mod queue;
+pub mod schema_ddl;
+pub mod spec;
+pub mod task;
+pub mod timing;

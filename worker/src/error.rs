@@ -1,0 +1,46 @@
+//! Errors of the data plane.
+
+use deltalake::DeltaTableError;
+
+/// A source file that could not be read or decoded. Names the file and, where
+/// known, the line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(": line {l}")).unwrap_or_default())]
+pub struct ReadError {
+    pub file: String,
+    pub line: Option<u64>,
+    pub message: String,
+    /// True for transient storage errors; false for content that is bad as it is.
+    pub retryable: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("transform failed: {0}")]
+    Transform(String),
+    #[error("writing data files failed: {0}")]
+    Write(#[from] DeltaTableError),
+    #[error("storage: {0}")]
+    Storage(#[from] object_store::Error),
+    #[error("{0}")]
+    UnsupportedLocation(String),
+    #[error("the row produced by the transform does not fit the table: {0}")]
+    Schema(String),
+    #[error(transparent)]
+    Queue(#[from] sluice_proto::queue::QueueError),
+    #[error("the task was cancelled")]
+    Cancelled,
+}
+
+impl WorkerError {
+    /// Whether running the same task again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WorkerError::Read(e) => e.retryable,
+            WorkerError::Write(_) | WorkerError::Storage(_) | WorkerError::Queue(_) | WorkerError::Cancelled => true,
+            WorkerError::Transform(_) | WorkerError::UnsupportedLocation(_) | WorkerError::Schema(_) => false,
+        }
+    }
+}

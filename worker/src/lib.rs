@@ -1,0 +1,22 @@
+//! The Sluice worker: the data plane.
+//!
+//! A worker claims tasks from the coordination store ([`worker_loop`]), reads
+//! the task's files ([`formats`]), runs the flow's transform over them with
+//! DataFusion ([`transform`]), writes Parquet data files below the Delta table
+//! and hands the resulting `Add` actions back ([`task_runner`]). It never
+//! commits to a table: only the coordinator does.
+//!
+//! The coordinator also uses [`formats`] (schema inference), [`transform`]
+//! (planning a flow's output schema) and [`storage`].
+
+pub mod conform;
+pub mod error;
+pub mod failpoint;
+pub mod formats;
+pub mod metadata;
+pub mod storage;
+pub mod task_runner;
+pub mod transform;
+pub mod worker_loop;
+
+pub use error::{ReadError, WorkerError};

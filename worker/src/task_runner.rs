@@ -1,0 +1,189 @@
+//! Runs one task: read its files, transform, write Parquet data files below the
+//! table, and return the `Add` actions. Nothing is committed here.
+//!
+//! Reading runs in its own tokio task and feeds the transform through a small
+//! channel, so decoding and Parquet encoding overlap on two cores.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::error::DataFusionError;
+use delta_kernel::table_properties::DataSkippingNumIndexedCols;
+use deltalake::DeltaTableBuilder;
+use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
+use futures::StreamExt;
+use object_store::ObjectStore;
+use sluice_proto::task::{TaskResult, TaskSpec};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::conform::conform_batch;
+use crate::error::{ReadError, WorkerError};
+use crate::failpoint;
+use crate::formats::FileDecoder;
+use crate::metadata::{append_metadata, with_metadata_field};
+use crate::storage::{ensure_local_dir, parse_url, store_for};
+use crate::transform;
+
+/// Data files are rolled over at about this size.
+pub const TARGET_FILE_SIZE: u64 = 128 << 20;
+
+/// How the reading side of a task ended.
+enum ReadEnd {
+    Done {
+        bytes: u64,
+        files: u64,
+    },
+    Failed(ReadError),
+    /// The consumer stopped first (it failed or the task was cancelled).
+    Stopped,
+}
+
+pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken) -> Result<TaskResult, WorkerError> {
+    let file_schema: SchemaRef = Arc::new(task.source_schema.clone());
+    let relation_schema = with_metadata_field(&file_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
+    let table_schema: SchemaRef = Arc::new(task.table_schema.clone());
+
+    let (sender, receiver) = mpsc::channel(4);
+    let reader = tokio::spawn(read_files(task.clone(), file_schema, relation_schema.clone(), sender, cancel.clone()));
+    let written = write_output(task, relation_schema, receiver, &table_schema).await;
+    let read_end = reader.await.unwrap_or_else(|e| {
+        ReadEnd::Failed(ReadError {
+            file: String::new(),
+            line: None,
+            message: format!("reader panicked: {e}"),
+            retryable: true,
+        })
+    });
+    if cancel.is_cancelled() {
+        return Err(WorkerError::Cancelled);
+    }
+    match (read_end, written) {
+        (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
+        (_, Err(error)) => Err(error),
+        (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
+        (ReadEnd::Done { bytes, files }, Ok((adds, rows))) => {
+            let adds = adds
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| WorkerError::Schema(format!("cannot encode an add action: {e}")))?;
+            Ok(TaskResult { adds, rows, files, bytes_read: bytes, worker: worker.to_string() })
+        }
+    }
+}
+
+async fn read_files(
+    task: TaskSpec,
+    file_schema: SchemaRef,
+    relation_schema: SchemaRef,
+    sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
+    cancel: CancellationToken,
+) -> ReadEnd {
+    let fail = |error: ReadError| async {
+        let message = error.to_string();
+        let _ = sender.send(Err(DataFusionError::Execution(message))).await;
+        ReadEnd::Failed(error)
+    };
+    let mut bytes = 0;
+    let mut first_batch = true;
+    for file in &task.files {
+        let url = match parse_url(&file.url) {
+            Ok(url) => url,
+            Err(e) => {
+                return fail(ReadError { file: file.url.clone(), line: None, message: e.to_string(), retryable: false })
+                    .await;
+            }
+        };
+        let store: Arc<dyn ObjectStore> = match store_for(&url) {
+            Ok((store, _)) => store,
+            Err(e) => {
+                return fail(ReadError { file: file.url.clone(), line: None, message: e.to_string(), retryable: false })
+                    .await;
+            }
+        };
+        let mut decoder = match FileDecoder::open(store, file, task.format, &task.csv, file_schema.clone()).await {
+            Ok(decoder) => decoder,
+            Err(e) => return fail(e).await,
+        };
+        loop {
+            if cancel.is_cancelled() {
+                return ReadEnd::Stopped;
+            }
+            let batch = match decoder.next_batch().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(e) => return fail(e).await,
+            };
+            let batch = match append_metadata(batch, &relation_schema, file, task.ingest_time_us) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    return fail(ReadError {
+                        file: file.url.clone(),
+                        line: None,
+                        message: e.to_string(),
+                        retryable: false,
+                    })
+                    .await;
+                }
+            };
+            if sender.send(Ok(batch)).await.is_err() {
+                return ReadEnd::Stopped;
+            }
+            if first_batch {
+                first_batch = false;
+                failpoint::hit(failpoint::DURING_READ).await;
+            }
+        }
+        bytes += file.size;
+    }
+    ReadEnd::Done { bytes, files: task.files.len() as u64 }
+}
+
+async fn write_output(
+    task: &TaskSpec,
+    relation_schema: SchemaRef,
+    receiver: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
+    table_schema: &SchemaRef,
+) -> Result<(Vec<deltalake::kernel::Add>, u64), WorkerError> {
+    let mut stream = transform::execute(relation_schema, receiver, task.transform.as_deref()).await?;
+    let table_url = parse_url(&task.table_url)?;
+    ensure_local_dir(&table_url)?;
+    let table = DeltaTableBuilder::from_url(table_url)?.build()?;
+    let config = WriterConfig::new(
+        table_schema.clone(),
+        task.partition_by.clone(),
+        None,
+        NonZeroU64::new(TARGET_FILE_SIZE),
+        None,
+        DataSkippingNumIndexedCols::NumColumns(32),
+        None,
+    );
+    let mut writer = DeltaWriter::new(table.object_store(), config);
+    match drain(&mut stream, &mut writer, table_schema).await {
+        Ok(rows) => Ok((writer.close().await?, rows)),
+        Err(error) => {
+            // Files already closed stay behind unreferenced; the table never sees them.
+            let _ = writer.abort().await;
+            Err(error)
+        }
+    }
+}
+
+/// Writes every batch of the transform's output; returns the number of rows.
+async fn drain(
+    stream: &mut datafusion::execution::SendableRecordBatchStream,
+    writer: &mut DeltaWriter,
+    table_schema: &SchemaRef,
+) -> Result<u64, WorkerError> {
+    let mut rows = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| WorkerError::Transform(e.to_string()))?;
+        let batch = conform_batch(&batch, table_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
+        rows += batch.num_rows() as u64;
+        writer.write(&batch).await?;
+    }
+    Ok(rows)
+}

@@ -1,0 +1,146 @@
+//! The worker loop: register under a lease, keep it alive, and run up to
+//! `slots` tasks at a time, each claimed through the task queue.
+//!
+//! If the lease is lost (the store was unreachable for longer than the TTL),
+//! every running task is abandoned, since its claim is gone and its outcome
+//! could not be published anyway, and the worker registers again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::{KvStore, LeaseId};
+use sluice_proto::queue::TaskQueue;
+use sluice_proto::task::{TaskFailure, TaskOutcome, TaskSpec};
+use sluice_proto::timing::LeaseTimings;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::WorkerError;
+use crate::task_runner::run_task;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub id: String,
+    pub slots: usize,
+    pub timings: LeaseTimings,
+}
+
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let lease = match register(kv.as_ref(), &keys, &options).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                warn!(worker = %options.id, %error, "cannot register; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_DELAY) => continue,
+                }
+            }
+        };
+        info!(worker = %options.id, slots = options.slots, "worker registered");
+        let lease_scope = shutdown.child_token();
+        let mut loops = JoinSet::new();
+        loops.spawn(keep_alive(kv.clone(), lease, options.timings, lease_scope.clone()));
+        for _ in 0..options.slots.max(1) {
+            loops.spawn(slot_loop(kv.clone(), keys.clone(), options.clone(), lease, lease_scope.clone()));
+        }
+        lease_scope.cancelled().await;
+        while loops.join_next().await.is_some() {}
+        if shutdown.is_cancelled() {
+            let _ = kv.revoke_lease(lease).await;
+            return;
+        }
+        warn!(worker = %options.id, "lease lost; running tasks were abandoned, registering again");
+    }
+}
+
+async fn register(kv: &dyn KvStore, keys: &Keys, options: &WorkerOptions) -> Result<LeaseId, WorkerError> {
+    let queue_error = |e| WorkerError::Queue(sluice_proto::queue::QueueError::Kv(e));
+    let lease = kv.grant_lease(options.timings.ttl).await.map_err(queue_error)?;
+    kv.create_if_absent(&keys.worker(&options.id), options.id.as_bytes().to_vec(), Some(lease))
+        .await
+        .map_err(queue_error)?;
+    Ok(lease)
+}
+
+/// Keeps the lease alive; cancels `scope` when it is lost.
+async fn keep_alive(kv: Arc<dyn KvStore>, lease: LeaseId, timings: LeaseTimings, scope: CancellationToken) {
+    let deadline_after = |now: tokio::time::Instant| now + timings.ttl;
+    let mut lease_deadline = deadline_after(tokio::time::Instant::now());
+    loop {
+        tokio::select! {
+            _ = scope.cancelled() => return,
+            _ = tokio::time::sleep(timings.keep_alive_interval()) => {}
+        }
+        let sent_at = tokio::time::Instant::now();
+        match kv.keep_alive(lease).await {
+            Ok(true) => lease_deadline = deadline_after(sent_at),
+            Ok(false) => break,
+            Err(error) => {
+                warn!(lease, %error, "keep-alive failed");
+                if tokio::time::Instant::now() >= lease_deadline {
+                    break;
+                }
+            }
+        }
+    }
+    scope.cancel();
+}
+
+async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lease: LeaseId, scope: CancellationToken) {
+    let queue = TaskQueue { kv: kv.as_ref(), keys: &keys };
+    while !scope.is_cancelled() {
+        let revision = queue.revision().await.unwrap_or(0);
+        match queue.claim_next(&options.id, lease).await {
+            Ok(Some(task)) => {
+                let span = info_span!("task", task = %task.id, worker = %options.id, attempt = task.attempt);
+                run_claimed(&queue, &options.id, task, &scope).instrument(span).await;
+            }
+            Ok(None) => {
+                tokio::select! {
+                    _ = scope.cancelled() => return,
+                    _ = queue.wait_for_work(revision, options.timings.poll_interval()) => {}
+                }
+            }
+            Err(error) => {
+                warn!(worker = %options.id, %error, "cannot claim a task; retrying");
+                tokio::select! {
+                    _ = scope.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_DELAY) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, task: TaskSpec, scope: &CancellationToken) {
+    let started = std::time::Instant::now();
+    let result = run_task(&task, worker, scope).await;
+    if scope.is_cancelled() {
+        return;
+    }
+    let outcome = match result {
+        Ok(result) => {
+            info!(rows = result.rows, files = result.files, seconds = started.elapsed().as_secs_f64(), "task done");
+            TaskOutcome::Done(result)
+        }
+        Err(error) => {
+            warn!(%error, retryable = error.is_retryable(), "task failed");
+            TaskOutcome::Failed(TaskFailure {
+                message: error.to_string(),
+                retryable: error.is_retryable(),
+                worker: worker.to_string(),
+            })
+        }
+    };
+    match queue.publish_outcome(worker, &task.id, &outcome).await {
+        Ok(true) => {}
+        Ok(false) => warn!("the claim on the task is gone; its outcome is discarded"),
+        Err(error) => warn!(%error, "cannot publish the task's outcome; the task will run again"),
+    }
+}
