@@ -53,12 +53,25 @@ fn draw(bar: &ProgressBar, event: &ProgressEvent) {
     }
 }
 
+fn plural(count: u64, noun: &str) -> String {
+    match (count, noun.ends_with('h')) {
+        (1, _) => format!("1 {noun}"),
+        (_, true) => format!("{count} {noun}es"),
+        _ => format!("{count} {noun}s"),
+    }
+}
+
 /// The plain-text line for an event, if it gets one.
 pub fn line_for(event: &ProgressEvent) -> Option<String> {
     Some(match event {
         ProgressEvent::BatchStarted { flow, batch, files, bytes, tasks, resumed } => {
             let how = if *resumed { "resuming" } else { "starting" };
-            format!("{flow}: {how} batch {batch}: {files} files, {} in {tasks} tasks", ByteSize(*bytes))
+            format!(
+                "{flow}: {how} batch {batch}: {}, {} in {}",
+                plural(*files, "file"),
+                ByteSize(*bytes),
+                plural(*tasks as u64, "task")
+            )
         }
         ProgressEvent::TaskFinished { .. } => return None,
         ProgressEvent::TaskRetried { flow, batch, message } => {
@@ -74,6 +87,7 @@ pub fn line_for(event: &ProgressEvent) -> Option<String> {
             format!("{flow}: warning: {file} was deleted before batch {batch} committed; it is left out")
         }
         ProgressEvent::FlowCaughtUp { flow } => format!("{flow}: caught up"),
+        ProgressEvent::RoundFailed { flow, message } => format!("{flow}: error, trying again next round: {message}"),
         ProgressEvent::Waiting { seconds } => format!("waiting {seconds:.1}s for the next round"),
     })
 }
@@ -84,11 +98,11 @@ fn committed_line(report: &BatchReport) -> String {
         None => "already in the table".to_string(),
     };
     format!(
-        "{}: batch {} committed: {} files, {} rows, {} in {:.2}s -> {version}",
+        "{}: batch {} committed: {}, {}, {} in {:.2}s -> {version}",
         report.flow,
         report.batch,
-        report.files,
-        report.rows,
+        plural(report.files, "file"),
+        plural(report.rows, "row"),
         ByteSize(report.bytes),
         report.seconds
     )
@@ -112,11 +126,11 @@ pub fn summary_lines(summary: &RunSummary) -> Vec<String> {
             _ => String::new(),
         };
         lines.push(format!(
-            "  {}: {} batches, {} files, {} rows, {}{versions} -> {}",
+            "  {}: {}, {}, {}, {}{versions} -> {}",
             flow.name,
-            flow.batches,
-            flow.files,
-            flow.rows,
+            plural(flow.batches, "batch"),
+            plural(flow.files, "file"),
+            plural(flow.rows, "row"),
             ByteSize(flow.bytes),
             flow.table
         ));
@@ -128,11 +142,11 @@ pub fn summary_lines(summary: &RunSummary) -> Vec<String> {
     lines.insert(
         0,
         format!(
-            "pipeline {}: {} batches, {} files, {} rows, {} in {:.2}s ({}/s)",
+            "pipeline {}: {}, {}, {}, {} in {:.2}s ({}/s)",
             summary.pipeline,
-            summary.batches,
-            summary.files,
-            summary.rows,
+            plural(summary.batches, "batch"),
+            plural(summary.files, "file"),
+            plural(summary.rows, "row"),
             ByteSize(summary.bytes),
             summary.seconds,
             ByteSize(rate as u64)

@@ -17,7 +17,7 @@ pub enum CoordinatorError {
     #[error("flow `{flow}`: {source}")]
     Worker { flow: String, source: WorkerError },
     #[error("flow `{flow}`, batch {batch} failed, nothing of it was committed: {message}")]
-    BatchFailed { flow: String, batch: u64, message: String },
+    BatchFailed { flow: String, batch: u64, message: String, retryable: bool },
     #[error("flow `{flow}`, batch {batch}: the commit to {table} failed: {message}")]
     CommitFailed { flow: String, batch: u64, table: String, message: String },
     #[error("flow `{flow}`: table {table}: {source}")]
@@ -35,9 +35,8 @@ impl CoordinatorError {
             | CoordinatorError::Queue(_)
             | CoordinatorError::Checkpoint { .. } => true,
             CoordinatorError::Delta { .. } | CoordinatorError::SourceListing { .. } => true,
-            CoordinatorError::SourceMissing { .. }
-            | CoordinatorError::Schema { .. }
-            | CoordinatorError::BatchFailed { .. } => false,
+            CoordinatorError::BatchFailed { retryable, .. } => *retryable,
+            CoordinatorError::SourceMissing { .. } | CoordinatorError::Schema { .. } => false,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! the table's txn: committed plans get their ledger entry, and the one
 //! uncommitted plan is run again with the same files.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -94,7 +94,7 @@ impl FlowRunner {
         let source = self.ctx.flow.files_source().clone();
         let listed = list_source(self.flow(), &source).await?;
         if let Some(plan) = state.pending.take() {
-            if let Some(plan) = self.drop_vanished_files(plan, &listed).await? {
+            if let Some(plan) = self.refresh_pending_plan(plan, &listed).await? {
                 self.run_and_record(&plan, &mut state, summary, true).await?;
             }
         }
@@ -104,7 +104,7 @@ impl FlowRunner {
             if source.allow_overwrites {
                 new.push(file);
             } else if self.warned_rewrites.insert(file.clone()) {
-                warn!(flow = self.flow(), file = %file.url, "file changed after it was ingested; skipping it (set allow_overwrites: true to ingest it again)");
+                info!(flow = self.flow(), file = %file.url, "file changed after it was ingested; skipping it (set allow_overwrites: true to ingest it again)");
                 self.ctx
                     .progress
                     .send(ProgressEvent::RewrittenFileSkipped { flow: self.flow().to_string(), file: file.url });
@@ -204,34 +204,41 @@ impl FlowRunner {
         Ok(FlowState { ledger, next_batch: after_plans.max(after_txn), pending, schema })
     }
 
-    /// A planned, uncommitted batch whose files were deleted in the meantime loses
-    /// those files (they cannot be read); if none is left, the plan is withdrawn.
-    async fn drop_vanished_files(
+    /// Brings an uncommitted plan up to date with the source before it runs again.
+    /// A file deleted meanwhile is left out (it cannot be read; with no file left
+    /// the plan is withdrawn). A file changed meanwhile, typically fixed after its
+    /// batch failed, keeps its place under its new identity: that is what will be
+    /// read, and what the ledger must remember.
+    async fn refresh_pending_plan(
         &self,
-        mut plan: BatchPlan,
+        plan: BatchPlan,
         listed: &[SourceFile],
     ) -> Result<Option<BatchPlan>, CoordinatorError> {
-        let present: HashSet<&str> = listed.iter().map(|f| f.url.as_str()).collect();
-        let (kept, vanished): (Vec<SourceFile>, Vec<SourceFile>) =
-            plan.files.into_iter().partition(|f| present.contains(f.url.as_str()));
-        plan.files = kept;
-        if vanished.is_empty() {
+        let current: HashMap<&str, &SourceFile> = listed.iter().map(|f| (f.url.as_str(), f)).collect();
+        let mut refreshed = BatchPlan { files: Vec::with_capacity(plan.files.len()), ..plan.clone() };
+        for file in &plan.files {
+            match current.get(file.url.as_str()) {
+                Some(now) => refreshed.files.push((*now).clone()),
+                None => {
+                    info!(flow = self.flow(), batch = plan.batch, file = %file.url, "file of an uncommitted batch was deleted; it is left out");
+                    let event = ProgressEvent::PlannedFileVanished {
+                        flow: self.flow().to_string(),
+                        batch: plan.batch,
+                        file: file.url.clone(),
+                    };
+                    self.ctx.progress.send(event);
+                }
+            }
+        }
+        if refreshed == plan {
             return Ok(Some(plan));
         }
-        for file in vanished {
-            warn!(flow = self.flow(), batch = plan.batch, file = %file.url, "file of an uncommitted batch was deleted; it is left out");
-            self.ctx.progress.send(ProgressEvent::PlannedFileVanished {
-                flow: self.flow().to_string(),
-                batch: plan.batch,
-                file: file.url,
-            });
-        }
-        if plan.files.is_empty() {
+        if refreshed.files.is_empty() {
             self.ctx.checkpoint.delete_plan(self.flow(), plan.batch).await?;
             return Ok(None);
         }
-        self.ctx.checkpoint.replace_plan(self.flow(), &plan).await?;
-        Ok(Some(plan))
+        self.ctx.checkpoint.replace_plan(self.flow(), &refreshed).await?;
+        Ok(Some(refreshed))
     }
 
     /// The schema files are decoded into: declared, or inferred once from the first batch.
@@ -345,6 +352,7 @@ impl FlowRunner {
                 flow: flow.clone(),
                 batch: plan.batch,
                 message: format!("a worker returned a malformed add action: {e}"),
+                retryable: false,
             })?;
         let request = BatchCommit {
             table_url: self.ctx.flow.sink.table.clone(),
@@ -435,7 +443,7 @@ impl FlowRunner {
                         done.insert(index, result);
                     }
                     TaskOutcome::Failed(failure) if failure.retryable && task.attempt + 1 < MAX_TASK_ATTEMPTS => {
-                        warn!(flow, batch, task = index, error = %failure.message, "task failed; handing it out again");
+                        info!(flow, batch, task = index, error = %failure.message, "task failed; handing it out again");
                         self.ctx.progress.send(ProgressEvent::TaskRetried {
                             flow: flow.clone(),
                             batch,
@@ -445,7 +453,8 @@ impl FlowRunner {
                         task.attempt += 1;
                     }
                     TaskOutcome::Failed(failure) => {
-                        return Err(CoordinatorError::BatchFailed { flow, batch, message: failure.message });
+                        let (message, retryable) = (failure.message, failure.retryable);
+                        return Err(CoordinatorError::BatchFailed { flow, batch, message, retryable });
                     }
                 }
             }

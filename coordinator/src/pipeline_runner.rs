@@ -4,6 +4,9 @@
 //! are, then the run ends. `interval`: rounds of that, one every interval,
 //! until cancelled; cancellation is honoured between batches, so a stop never
 //! leaves a batch half-done (and a kill would not either: see `docs/DESIGN.md`).
+//! In interval mode an error that may pass (storage, commit conflicts) is
+//! reported and the next round starts over from the durable state; any other
+//! error ends the run.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +16,7 @@ use sluice_proto::kv::KvStore;
 use sluice_proto::spec::{PipelineSpec, Trigger};
 use sluice_proto::timing::LeaseTimings;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::CoordinatorError;
@@ -81,11 +85,20 @@ async fn run_rounds(
         .collect();
     loop {
         let round_started = Instant::now();
+        let continuous = matches!(spec.trigger, Trigger::Interval(_));
         for (runner, summary) in runners.iter_mut().zip(summaries.iter_mut()) {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            runner.run_until_caught_up(cancel, summary).await?;
+            match runner.run_until_caught_up(cancel, summary).await {
+                Ok(()) => {}
+                Err(error) if continuous && error.is_retryable() => {
+                    info!(flow = %summary.name, %error, "round failed; trying again next round");
+                    let event = ProgressEvent::RoundFailed { flow: summary.name.clone(), message: error.to_string() };
+                    env.progress.send(event);
+                }
+                Err(error) => return Err(error),
+            }
         }
         let Trigger::Interval(interval) = spec.trigger else { return Ok(()) };
         let wait = interval.saturating_sub(round_started.elapsed());

@@ -41,6 +41,12 @@ pub enum ProgressEvent {
     FlowCaughtUp {
         flow: String,
     },
+    /// Interval trigger: a round of the flow failed with an error that may pass;
+    /// the next round tries again from the durable state.
+    RoundFailed {
+        flow: String,
+        message: String,
+    },
     /// Interval trigger: the next round starts after this long.
     Waiting {
         seconds: f64,

@@ -144,11 +144,6 @@ impl TaskQueue<'_> {
             .await?)
     }
 
-    /// Whether `worker` still holds its claim on the task.
-    pub async fn still_claimed(&self, worker: &str, id: &TaskId) -> Result<bool, QueueError> {
-        Ok(self.kv.get(&self.keys.claim(id)).await?.as_deref() == Some(worker.as_bytes()))
-    }
-
     /// Waits for any change in the namespace (a new task, a claim that vanished).
     pub async fn wait_for_work(&self, revision: u64, timeout: Duration) -> Result<(), QueueError> {
         self.kv.wait_for_change(&self.keys.root_prefix(), revision, timeout).await?;

@@ -129,11 +129,20 @@ fn two_runs_racing_on_one_pipeline_commit_each_batch_once() {
     }
     sandbox.pipeline(&pipeline("available_now").replace("max_files_per_batch: 2", "max_files_per_batch: 1"));
     let table = sandbox.path("lake/bronze/invoices");
-    let first = sandbox.command(&["run", "pipeline.yaml"]).stdout(std::process::Stdio::null()).spawn().expect("start");
-    let second = sandbox.command(&["run", "pipeline.yaml"]).stdout(std::process::Stdio::null()).spawn().expect("start");
+    let start = || {
+        let mut command = sandbox.command(&["run", "pipeline.yaml"]);
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start")
+    };
+    let (first, second) = (start(), start());
     let first = first.wait_with_output().expect("first run ends");
     let second = second.wait_with_output().expect("second run ends");
-    assert!(first.status.success() || second.status.success(), "at least one run succeeds");
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        first.status.success() || second.status.success(),
+        "no run succeeded:\n{}\n{}",
+        stderr(&first),
+        stderr(&second)
+    );
     // A loser may stop with an error, never with a duplicate: a last run finishes whatever is left.
     sandbox.run_ok();
     assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 120);

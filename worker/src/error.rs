@@ -24,8 +24,9 @@ pub enum WorkerError {
     Write(#[from] DeltaTableError),
     #[error("storage: {0}")]
     Storage(#[from] object_store::Error),
+    /// A location that cannot be used: an unsupported scheme, a malformed URL, a folder that cannot be created.
     #[error("{0}")]
-    UnsupportedLocation(String),
+    Location(String),
     #[error("the row produced by the transform does not fit the table: {0}")]
     Schema(String),
     #[error(transparent)]
@@ -40,7 +41,7 @@ impl WorkerError {
         match self {
             WorkerError::Read(e) => e.retryable,
             WorkerError::Write(_) | WorkerError::Storage(_) | WorkerError::Queue(_) | WorkerError::Cancelled => true,
-            WorkerError::Transform(_) | WorkerError::UnsupportedLocation(_) | WorkerError::Schema(_) => false,
+            WorkerError::Transform(_) | WorkerError::Location(_) | WorkerError::Schema(_) => false,
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct FileDecoder {
     file: SourceFile,
     store: Arc<dyn ObjectStore>,
     schema: SchemaRef,
+    /// For CSV: whether the first line is a header, to turn row numbers into line numbers.
+    csv_header: bool,
     kind: DecoderKind,
 }
 
@@ -134,7 +136,7 @@ impl FileDecoder {
                 DecoderKind::Parquet(stream)
             }
         };
-        Ok(Self { file: file.clone(), store, schema, kind })
+        Ok(Self { file: file.clone(), store, schema, csv_header: csv.header, kind })
     }
 
     /// The next batch of the file, or `None` at its end.
@@ -152,8 +154,7 @@ impl FileDecoder {
                 match next_text_batch(bytes, pending, eof, decoder).await {
                     Ok(batch) => Ok(batch),
                     Err(TextError::Storage(e)) => Err(storage_error(&self.file, e)),
-                    // arrow's CSV messages already carry the line; keep them as they are.
-                    Err(TextError::Decode(e)) if csv => Err(read_error(&self.file, None, e.to_string(), false)),
+                    Err(TextError::Decode(e)) if csv => Err(csv_error(&self.file, &self.schema, self.csv_header, e)),
                     Err(TextError::Decode(e)) => {
                         Err(locate_json_error(self.store.clone(), self.file.clone(), self.schema.clone(), e).await)
                     }
@@ -161,6 +162,33 @@ impl FileDecoder {
             }
         }
     }
+}
+
+/// arrow-csv reports a value that does not parse "for column K at line N" with
+/// K counted from 0 and N counting data rows, and a row with the wrong number of
+/// fields "for line N" counting file lines. Users get the file line and the
+/// column's name.
+fn csv_error(file: &SourceFile, schema: &Schema, header: bool, error: ArrowError) -> ReadError {
+    let mut message = error.to_string();
+    let number_after = |text: &str, marker: &str| -> Option<u64> {
+        let start = text.find(marker)? + marker.len();
+        text[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    };
+    if let Some(column) = number_after(&message, "for column ") {
+        if let Some(field) = usize::try_from(column).ok().and_then(|c| schema.fields().get(c)) {
+            message = message.replacen(&format!("for column {column}"), &format!("for column `{}`", field.name()), 1);
+        }
+    }
+    let line = if let Some(row) = number_after(&message, " at line ") {
+        message = message.replacen(&format!(" at line {row}"), "", 1);
+        Some(row + u64::from(header))
+    } else if let Some(line) = number_after(&message, " for line ") {
+        message = message.replacen(&format!(" for line {line}"), "", 1);
+        Some(line)
+    } else {
+        None
+    };
+    read_error(file, line, message, false)
 }
 
 /// Finds the line that a JSON decoding error came from, for the error message.
@@ -374,6 +402,23 @@ mod tests {
         let (line, _) = locate_json_line(b"{\"a\": 1}\n{\"a\": 2\n", &schema).unwrap();
         assert_eq!(line, 2);
         assert!(locate_json_line(b"{\"a\": 1}\n", &schema).is_none());
+    }
+
+    #[test]
+    fn csv_errors_name_the_file_line_and_the_column() {
+        let schema =
+            Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("amount", DataType::Float64, true)]);
+        let file = SourceFile { url: "file:///a.csv".into(), size: 1, modified_ms: 0, etag: None };
+        let parse = ArrowError::ParseError(
+            "Error while parsing value 'x' as type 'Float64' for column 1 at line 2. Row data: '[2,x]'".into(),
+        );
+        let error = csv_error(&file, &schema, true, parse);
+        assert_eq!(error.line, Some(3));
+        assert!(error.message.contains("for column `amount`. Row data"), "{}", error.message);
+        let fields = ArrowError::CsvError("incorrect number of fields for line 4, expected 2 got 1".into());
+        let error = csv_error(&file, &schema, true, fields);
+        assert_eq!(error.line, Some(4));
+        assert!(error.message.ends_with("incorrect number of fields, expected 2 got 1"), "{}", error.message);
     }
 
     #[test]

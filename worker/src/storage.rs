@@ -13,11 +13,10 @@ use crate::error::WorkerError;
 pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, Path), WorkerError> {
     match url.scheme() {
         "file" => {
-            let path =
-                Path::from_url_path(url.path()).map_err(|e| WorkerError::UnsupportedLocation(format!("{url}: {e}")))?;
+            let path = Path::from_url_path(url.path()).map_err(|e| WorkerError::Location(format!("{url}: {e}")))?;
             Ok((Arc::new(LocalFileSystem::new()), path))
         }
-        scheme => Err(WorkerError::UnsupportedLocation(format!(
+        scheme => Err(WorkerError::Location(format!(
             "{url}: `{scheme}://` locations are not supported yet; this build reads and writes local paths and file:// URLs"
         ))),
     }
@@ -32,7 +31,7 @@ pub fn url_of(base: &Url, path: &Path) -> String {
 
 /// Parses a URL that a task carries.
 pub fn parse_url(text: &str) -> Result<Url, WorkerError> {
-    Url::parse(text).map_err(|e| WorkerError::UnsupportedLocation(format!("`{text}` is not a URL: {e}")))
+    Url::parse(text).map_err(|e| WorkerError::Location(format!("`{text}` is not a URL: {e}")))
 }
 
 /// Creates the folder of a local (`file://`) location if it does not exist yet;
@@ -41,8 +40,6 @@ pub fn ensure_local_dir(url: &Url) -> Result<(), WorkerError> {
     if url.scheme() != "file" {
         return Ok(());
     }
-    let path =
-        url.to_file_path().map_err(|()| WorkerError::UnsupportedLocation(format!("{url} is not a local path")))?;
-    std::fs::create_dir_all(&path)
-        .map_err(|e| WorkerError::UnsupportedLocation(format!("cannot create {}: {e}", path.display())))
+    let path = url.to_file_path().map_err(|()| WorkerError::Location(format!("{url} is not a local path")))?;
+    std::fs::create_dir_all(&path).map_err(|e| WorkerError::Location(format!("cannot create {}: {e}", path.display())))
 }

@@ -93,15 +93,25 @@ async fn read_files(
         let url = match parse_url(&file.url) {
             Ok(url) => url,
             Err(e) => {
-                return fail(ReadError { file: file.url.clone(), line: None, message: e.to_string(), retryable: false })
-                    .await;
+                return fail(ReadError {
+                    file: file.url.clone(),
+                    line: None,
+                    message: e.to_string(),
+                    retryable: false,
+                })
+                .await;
             }
         };
         let store: Arc<dyn ObjectStore> = match store_for(&url) {
             Ok((store, _)) => store,
             Err(e) => {
-                return fail(ReadError { file: file.url.clone(), line: None, message: e.to_string(), retryable: false })
-                    .await;
+                return fail(ReadError {
+                    file: file.url.clone(),
+                    line: None,
+                    message: e.to_string(),
+                    retryable: false,
+                })
+                .await;
             }
         };
         let mut decoder = match FileDecoder::open(store, file, task.format, &task.csv, file_schema.clone()).await {

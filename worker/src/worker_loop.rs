@@ -130,7 +130,7 @@ async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, task: TaskSpec, scope:
             TaskOutcome::Done(result)
         }
         Err(error) => {
-            warn!(%error, retryable = error.is_retryable(), "task failed");
+            info!(%error, retryable = error.is_retryable(), "task failed");
             TaskOutcome::Failed(TaskFailure {
                 message: error.to_string(),
                 retryable: error.is_retryable(),
@@ -138,9 +138,31 @@ async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, task: TaskSpec, scope:
             })
         }
     };
-    match queue.publish_outcome(worker, &task.id, &outcome).await {
-        Ok(true) => {}
-        Ok(false) => warn!("the claim on the task is gone; its outcome is discarded"),
-        Err(error) => warn!(%error, "cannot publish the task's outcome; the task will run again"),
+    publish(queue, worker, &task, &outcome, scope).await;
+}
+
+/// Publishes an outcome, retrying while the store is unreachable. Gives up only
+/// when the claim is gone or the lease is lost: then the task runs again elsewhere.
+async fn publish(
+    queue: &TaskQueue<'_>,
+    worker: &str,
+    task: &TaskSpec,
+    outcome: &TaskOutcome,
+    scope: &CancellationToken,
+) {
+    let mut delay = RETRY_DELAY;
+    loop {
+        match queue.publish_outcome(worker, &task.id, outcome).await {
+            Ok(true) => return,
+            Ok(false) => {
+                warn!("the claim on the task is gone; its outcome is discarded");
+                return;
+            }
+            Err(error) => warn!(%error, "cannot publish the task's outcome yet; retrying"),
+        }
+        tokio::select! {
+            _ = scope.cancelled() => return,
+            _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
+        }
     }
 }
