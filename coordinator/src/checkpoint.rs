@@ -117,18 +117,26 @@ impl Checkpoint {
         serde_json::to_vec_pretty(value).map(PutPayload::from).map_err(|e| self.error(e))
     }
 
-    /// Writes a new batch plan. If a plan for that batch exists already (another
-    /// run got there first), that plan is returned and must be used instead.
-    pub async fn create_plan(&self, flow: &str, plan: &BatchPlan) -> Result<BatchPlan, CoordinatorError> {
-        let path = self.path(flow, "batches", plan.batch);
+    /// Writes `value` at `path` unless something is there already; returns what
+    /// is there afterwards, so that of two racing writers both use the winner's.
+    async fn create_or_read<T>(&self, path: &Path, value: &T) -> Result<T, CoordinatorError>
+    where
+        T: Serialize + serde::de::DeserializeOwned + Clone,
+    {
         let options = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&path, self.encode(plan)?, options).await {
-            Ok(_) => Ok(plan.clone()),
+        match self.store.put_opts(path, self.encode(value)?, options).await {
+            Ok(_) => Ok(value.clone()),
             Err(object_store::Error::AlreadyExists { .. }) => {
-                self.read_json(&path).await?.ok_or_else(|| self.error(format!("{path} vanished while being read")))
+                self.read_json(path).await?.ok_or_else(|| self.error(format!("{path} vanished while being read")))
             }
             Err(e) => Err(self.error(e)),
         }
+    }
+
+    /// Writes a new batch plan. If a plan for that batch exists already (another
+    /// run got there first), that plan is returned and must be used instead.
+    pub async fn create_plan(&self, flow: &str, plan: &BatchPlan) -> Result<BatchPlan, CoordinatorError> {
+        self.create_or_read(&self.path(flow, "batches", plan.batch), plan).await
     }
 
     /// Replaces the plan of a batch that is known not to be committed.
@@ -165,15 +173,8 @@ impl Checkpoint {
         Ok(self.read_all::<SchemaRecord>(flow, "schemas").await?.pop())
     }
 
+    /// Records a schema version; a version recorded before (by a racing run) wins.
     pub async fn record_schema(&self, flow: &str, record: &SchemaRecord) -> Result<SchemaRecord, CoordinatorError> {
-        let path = self.path(flow, "schemas", record.version);
-        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&path, self.encode(record)?, options).await {
-            Ok(_) => Ok(record.clone()),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                self.read_json(&path).await?.ok_or_else(|| self.error(format!("{path} vanished while being read")))
-            }
-            Err(e) => Err(self.error(e)),
-        }
+        self.create_or_read(&self.path(flow, "schemas", record.version), record).await
     }
 }

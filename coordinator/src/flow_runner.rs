@@ -22,7 +22,6 @@ use sluice_proto::timing::LeaseTimings;
 use sluice_worker::failpoint;
 use sluice_worker::formats::{InferLimits, infer_schema};
 use sluice_worker::metadata::with_metadata_field;
-use sluice_worker::storage::store_for;
 use sluice_worker::transform;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -250,11 +249,9 @@ impl FlowRunner {
         if let Some(record) = &state.schema {
             return Ok(Arc::new(record.schema.clone()));
         }
-        let worker_error = |source| CoordinatorError::Worker { flow: self.flow().to_string(), source };
-        let (store, _) = store_for(&source.location).map_err(worker_error)?;
-        let inferred = infer_schema(&store, &plan.files, source.format, &source.csv, InferLimits::default())
+        let inferred = infer_schema(&plan.files, source.format, &source.csv, InferLimits::default())
             .await
-            .map_err(|e| worker_error(e.into()))?;
+            .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
         if inferred.fields().is_empty() {
             return Ok(Arc::new(inferred));
         }

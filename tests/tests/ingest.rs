@@ -160,7 +160,11 @@ fn a_broken_json_line_fails_the_batch_naming_file_and_line_and_a_fixed_file_is_i
     let output = sandbox.run();
     assert_eq!(output.code, Some(0), "{output:?}");
     assert!(output.stderr.contains("resuming batch 1"), "the failed batch is finished: {}", output.stderr);
-    assert!(!output.stderr.contains("changed after it was ingested"), "a fixed file is not a rewrite: {}", output.stderr);
+    assert!(
+        !output.stderr.contains("changed after it was ingested"),
+        "a fixed file is not a rewrite: {}",
+        output.stderr
+    );
     assert_eq!(output.summary()["rows"].as_u64(), Some(8), "{output:?}");
     assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 8);
 }
@@ -196,7 +200,11 @@ flows:
     sandbox.write("in/c.csv", "id;name;amount\n4;fig;1\n5;kiwi\n");
     let output = sandbox.run();
     assert_eq!(output.code, Some(1), "{output:?}");
-    assert!(output.stderr.contains("c.csv: line 3: ") && output.stderr.contains("incorrect number of fields"), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("c.csv: line 3: ") && output.stderr.contains("incorrect number of fields"),
+        "{}",
+        output.stderr
+    );
     assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 3);
 }
 

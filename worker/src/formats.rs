@@ -29,7 +29,7 @@ use sluice_proto::task::SourceFile;
 
 use crate::conform::conform_batch;
 use crate::error::ReadError;
-use crate::storage::parse_url;
+use crate::storage::{parse_url, store_for};
 
 /// Rows per decoded batch.
 pub const BATCH_ROWS: usize = 8192;
@@ -70,9 +70,12 @@ impl TextDecoder {
     }
 }
 
-fn object_path(file: &SourceFile) -> Result<Path, ReadError> {
+/// The object store holding `file`, and the file's path in it.
+fn locate(file: &SourceFile) -> Result<(Arc<dyn ObjectStore>, Path), ReadError> {
     let url = parse_url(&file.url).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    Path::from_url_path(url.path()).map_err(|e| read_error(file, None, e.to_string(), false))
+    let (store, _) = store_for(&url).map_err(|e| read_error(file, None, e.to_string(), false))?;
+    let path = Path::from_url_path(url.path()).map_err(|e| read_error(file, None, e.to_string(), false))?;
+    Ok((store, path))
 }
 
 fn read_error(file: &SourceFile, line: Option<u64>, message: impl Into<String>, retryable: bool) -> ReadError {
@@ -107,13 +110,12 @@ fn csv_decoder(schema: &SchemaRef, csv: &CsvOptions) -> arrow::csv::reader::Deco
 impl FileDecoder {
     /// Opens `file` for decoding into `schema` (the source schema, without `_metadata`).
     pub async fn open(
-        store: Arc<dyn ObjectStore>,
         file: &SourceFile,
         format: Format,
         csv: &CsvOptions,
         schema: SchemaRef,
     ) -> Result<Self, ReadError> {
-        let path = object_path(file)?;
+        let (store, path) = locate(file)?;
         let kind = match format {
             Format::Json | Format::Csv => {
                 let decoder = match format {
@@ -198,8 +200,8 @@ async fn locate_json_error(
     schema: SchemaRef,
     error: ArrowError,
 ) -> ReadError {
-    let all = match object_path(&file) {
-        Ok(path) => match store.get(&path).await {
+    let all = match locate(&file) {
+        Ok((_, path)) => match store.get(&path).await {
             Ok(result) => result.bytes().await.ok(),
             Err(_) => None,
         },
@@ -288,7 +290,6 @@ impl Default for InferLimits {
 
 /// Infers one schema for `files` from a bounded sample of them.
 pub async fn infer_schema(
-    store: &Arc<dyn ObjectStore>,
     files: &[SourceFile],
     format: Format,
     csv: &CsvOptions,
@@ -300,7 +301,7 @@ pub async fn infer_schema(
         if budget == 0 {
             break;
         }
-        let schema = infer_file(store, file, format, csv, budget).await?;
+        let schema = infer_file(file, format, csv, budget).await?;
         budget = budget.saturating_sub(file.size);
         merged = Some(match merged {
             None => schema,
@@ -311,14 +312,8 @@ pub async fn infer_schema(
     Ok(Schema::new(schema.fields().iter().map(|f| without_null_type(f)).collect::<Vec<_>>()))
 }
 
-async fn infer_file(
-    store: &Arc<dyn ObjectStore>,
-    file: &SourceFile,
-    format: Format,
-    csv: &CsvOptions,
-    budget: u64,
-) -> Result<Schema, ReadError> {
-    let path = object_path(file)?;
+async fn infer_file(file: &SourceFile, format: Format, csv: &CsvOptions, budget: u64) -> Result<Schema, ReadError> {
+    let (store, path) = locate(file)?;
     let decode_error = |e: ArrowError| read_error(file, None, format!("cannot infer a schema: {e}"), false);
     match format {
         Format::Parquet => {

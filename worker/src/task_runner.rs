@@ -14,7 +14,6 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use object_store::ObjectStore;
 use sluice_proto::task::{TaskResult, TaskSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +23,7 @@ use crate::error::{ReadError, WorkerError};
 use crate::failpoint;
 use crate::formats::FileDecoder;
 use crate::metadata::{append_metadata, with_metadata_field};
-use crate::storage::{ensure_local_dir, parse_url, store_for};
+use crate::storage::{ensure_local_dir, parse_url};
 use crate::transform;
 
 /// Data files are rolled over at about this size.
@@ -90,31 +89,7 @@ async fn read_files(
     let mut bytes = 0;
     let mut first_batch = true;
     for file in &task.files {
-        let url = match parse_url(&file.url) {
-            Ok(url) => url,
-            Err(e) => {
-                return fail(ReadError {
-                    file: file.url.clone(),
-                    line: None,
-                    message: e.to_string(),
-                    retryable: false,
-                })
-                .await;
-            }
-        };
-        let store: Arc<dyn ObjectStore> = match store_for(&url) {
-            Ok((store, _)) => store,
-            Err(e) => {
-                return fail(ReadError {
-                    file: file.url.clone(),
-                    line: None,
-                    message: e.to_string(),
-                    retryable: false,
-                })
-                .await;
-            }
-        };
-        let mut decoder = match FileDecoder::open(store, file, task.format, &task.csv, file_schema.clone()).await {
+        let mut decoder = match FileDecoder::open(file, task.format, &task.csv, file_schema.clone()).await {
             Ok(decoder) => decoder,
             Err(e) => return fail(e).await,
         };
