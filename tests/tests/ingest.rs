@@ -317,3 +317,37 @@ fn empty_files_are_counted_and_change_nothing() {
     let summary = sandbox.run_ok();
     assert_eq!((summary["files"].as_u64(), summary["rows"].as_u64()), (Some(2), Some(3)), "{summary}");
 }
+
+/// The table configuration written by the first commit.
+fn table_configuration(table: &std::path::Path) -> serde_json::Value {
+    log_entries(table)
+        .iter()
+        .flatten()
+        .find_map(|a| a.get("metaData").map(|m| m["configuration"].clone()))
+        .expect("a metaData action")
+}
+
+#[test]
+fn sink_tables_get_change_data_feed_unless_properties_say_otherwise() {
+    let sandbox = Sandbox::new();
+    write_invoices(&sandbox, "a.json", 1, 0, 3);
+    sandbox.pipeline(&pipeline());
+    sandbox.run_ok();
+    let config = table_configuration(&sandbox.path("lake/bronze/invoices"));
+    assert_eq!(config["delta.enableChangeDataFeed"], "true", "{config}");
+
+    let sandbox = Sandbox::new();
+    write_invoices(&sandbox, "a.json", 1, 0, 3);
+    let with_properties = pipeline().replace(
+        "      table: ./lake/bronze/invoices",
+        "      table: ./lake/bronze/invoices\n      properties: { delta.enableChangeDataFeed: false, delta.appendOnly: true }",
+    );
+    sandbox.pipeline(&with_properties);
+    sandbox.run_ok();
+    let config = table_configuration(&sandbox.path("lake/bronze/invoices"));
+    assert_eq!(
+        (config["delta.enableChangeDataFeed"].as_str(), config["delta.appendOnly"].as_str()),
+        (Some("false"), Some("true")),
+        "{config}"
+    );
+}
