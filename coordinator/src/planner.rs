@@ -2,6 +2,9 @@
 
 use sluice_proto::task::SourceFile;
 
+/// Tasks per worker slot, so that uneven tasks even out at the end of a batch.
+pub const TASKS_PER_SLOT: usize = 2;
+
 /// Below this, a task is not split further: the fixed cost of a task would dominate.
 pub const MIN_TASK_BYTES: u64 = 16 << 20;
 
@@ -22,13 +25,13 @@ pub fn next_batch(pending: &[SourceFile], max_files: u64, max_bytes: Option<u64>
     batch
 }
 
-/// Splits a batch's files into tasks for `parallelism` worker slots: about two
-/// tasks a slot so that uneven files even out, no task smaller than
+/// Splits a batch's files into tasks for `parallelism` worker slots:
+/// [`TASKS_PER_SLOT`] tasks a slot, no task smaller than
 /// [`MIN_TASK_BYTES`] unless the batch is, largest files placed first.
 pub fn split_into_tasks(files: &[SourceFile], parallelism: usize) -> Vec<Vec<SourceFile>> {
     let total: u64 = files.iter().map(|f| f.size).sum();
     let by_size = usize::try_from(total.div_ceil(MIN_TASK_BYTES)).unwrap_or(usize::MAX).max(1);
-    let count = (parallelism.max(1) * 2).min(by_size).min(files.len()).max(1);
+    let count = (parallelism.max(1) * TASKS_PER_SLOT).min(by_size).min(files.len()).max(1);
     let mut order: Vec<usize> = (0..files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
     let mut bins: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); count];
