@@ -83,9 +83,9 @@ async fn run_rounds(
             })
         })
         .collect();
+    let continuous = matches!(spec.trigger, Trigger::Interval(_));
     loop {
         let round_started = Instant::now();
-        let continuous = matches!(spec.trigger, Trigger::Interval(_));
         for (runner, summary) in runners.iter_mut().zip(summaries.iter_mut()) {
             if cancel.is_cancelled() {
                 return Ok(());

@@ -56,7 +56,6 @@ fn read_ahead(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> BoxStream<'
 /// Reads one file batch by batch.
 pub struct FileDecoder {
     file: SourceFile,
-    store: Arc<dyn ObjectStore>,
     schema: SchemaRef,
     /// For CSV: whether the first line is a header, to turn row numbers into line numbers.
     csv_header: bool,
@@ -92,9 +91,7 @@ impl TextDecoder {
 /// The object store holding `file`, and the file's path in it.
 fn locate(file: &SourceFile) -> Result<(Arc<dyn ObjectStore>, Path), ReadError> {
     let url = parse_url(&file.url).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    let (store, _) = store_for(&url).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    let path = Path::from_url_path(url.path()).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    Ok((store, path))
+    store_for(&url).map_err(|e| read_error(file, None, e.to_string(), false))
 }
 
 fn read_error(file: &SourceFile, line: Option<u64>, message: impl Into<String>, retryable: bool) -> ReadError {
@@ -157,7 +154,7 @@ impl FileDecoder {
                 DecoderKind::Parquet(stream)
             }
         };
-        Ok(Self { file: file.clone(), store, schema, csv_header: csv.header, kind })
+        Ok(Self { file: file.clone(), schema, csv_header: csv.header, kind })
     }
 
     /// The next batch of the file, or `None` at its end.
@@ -177,7 +174,7 @@ impl FileDecoder {
                     Err(TextError::Storage(e)) => Err(storage_error(&self.file, e)),
                     Err(TextError::Decode(e)) if csv => Err(csv_error(&self.file, &self.schema, self.csv_header, e)),
                     Err(TextError::Decode(e)) => {
-                        Err(locate_json_error(self.store.clone(), self.file.clone(), self.schema.clone(), e).await)
+                        Err(locate_json_error(self.file.clone(), self.schema.clone(), e).await)
                     }
                 }
             }
@@ -213,14 +210,9 @@ fn csv_error(file: &SourceFile, schema: &Schema, header: bool, error: ArrowError
 }
 
 /// Finds the line that a JSON decoding error came from, for the error message.
-async fn locate_json_error(
-    store: Arc<dyn ObjectStore>,
-    file: SourceFile,
-    schema: SchemaRef,
-    error: ArrowError,
-) -> ReadError {
+async fn locate_json_error(file: SourceFile, schema: SchemaRef, error: ArrowError) -> ReadError {
     let all = match locate(&file) {
-        Ok((_, path)) => match store.get(&path).await {
+        Ok((store, path)) => match store.get(&path).await {
             Ok(result) => result.bytes().await.ok(),
             Err(_) => None,
         },
