@@ -1,7 +1,12 @@
 //! `sluice`: run and check pipelines.
 //!
-//! Exit codes: 0 success, 1 the pipeline failed, 2 the command line or the
-//! pipeline file is invalid, 130 aborted by a second Ctrl-C.
+//! `run` and `validate` work on a pipeline file in this process (the embedded
+//! runtime); `submit`, `status`, `list`, `stop` and `resume` talk to a
+//! cluster's coordinators (`--coordinator` or `SLUICE_COORDINATOR`).
+//!
+//! Exit codes: 0 success, 1 the pipeline failed (or the cluster refused or
+//! could not be reached), 2 the command line or the pipeline file is invalid,
+//! 130 aborted by a second Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::embedded::{Embedded, EmbeddedOptions};
+use crate::remote::{ClientError, Remote, state_name, status_json, status_text};
 use crate::render::{peak_rss_bytes, render_progress, summary_lines};
 
 #[derive(Debug, Parser)]
@@ -26,6 +32,9 @@ struct Cli {
     /// Log line format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Coordinator address(es) of a cluster, comma-separated; the first that answers is used.
+    #[arg(long, env = "SLUICE_COORDINATOR", default_value = crate::remote::DEFAULT_COORDINATOR, global = true)]
+    coordinator: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,6 +63,36 @@ enum Command {
         /// The pipeline file (YAML).
         pipeline: PathBuf,
     },
+    /// Submit a pipeline to a cluster (see --coordinator). Relative paths in it
+    /// resolve against the file's folder, which the coordinator and workers must see.
+    Submit {
+        /// The pipeline file (YAML).
+        pipeline: PathBuf,
+        /// Follow progress until the pipeline is caught up (available_now: its run
+        /// completed; interval: its first round); exit non-zero if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// Replace a pipeline of the same name (it restarts from its durable progress).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Show a submitted pipeline's status: per flow batches, files, rows, Delta version, tasks, errors.
+    Status {
+        name: String,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the pipelines submitted to the cluster.
+    List {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a pipeline after its current micro-batch.
+    Stop { name: String },
+    /// Run a stopped, failed or completed pipeline again from where it stopped.
+    Resume { name: String },
 }
 
 pub fn main() -> ExitCode {
@@ -72,6 +111,144 @@ pub fn main() -> ExitCode {
             let Some(spec) = load_spec(&pipeline) else { return ExitCode::from(2) };
             validate(&spec)
         }
+        command => {
+            let remote = Remote::new(&cli.coordinator);
+            let runtime = match coordinator_runtime() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(cluster_command(&remote, command))
+        }
+    }
+}
+
+fn fail(error: &ClientError) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(error.exit_code())
+}
+
+async fn cluster_command(remote: &Remote, command: Command) -> ExitCode {
+    match command {
+        Command::Submit { pipeline, wait, replace } => {
+            let text = match std::fs::read_to_string(&pipeline) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("error: cannot read the pipeline file {}: {e}", pipeline.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let base = pipeline.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+            let base = base.and_then(|p| std::path::absolute(p).ok()).map(|p| p.display().to_string());
+            let submitted = match remote.submit(text, base.unwrap_or_default(), replace).await {
+                Ok(submitted) => submitted,
+                Err(error) => return fail(&error),
+            };
+            let verb = if submitted.replaced { "replaced" } else { "submitted" };
+            println!("{verb} pipeline {} (generation {})", submitted.name, submitted.generation);
+            if !wait {
+                return ExitCode::SUCCESS;
+            }
+            follow(remote, &submitted.name, submitted.generation).await
+        }
+        Command::Status { name, json } => match remote.status(&name).await {
+            Ok(status) if json => {
+                println!("{}", status_json(&status));
+                ExitCode::SUCCESS
+            }
+            Ok(status) => {
+                print!("{}", status_text(&status));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error),
+        },
+        Command::List { json } => match remote.list().await {
+            Ok(pipelines) if json => {
+                println!("{}", serde_json::Value::Array(pipelines.iter().map(status_json).collect()));
+                ExitCode::SUCCESS
+            }
+            Ok(pipelines) => {
+                if pipelines.is_empty() {
+                    println!("no pipelines submitted");
+                }
+                for p in &pipelines {
+                    let rows: u64 = p.flows.iter().map(|f| f.rows_done).sum();
+                    let batches: u64 = p.flows.iter().map(|f| f.batches_committed).sum();
+                    println!(
+                        "{:<24} {:<10} generation {:<3} {} flow(s), {batches} batches, {rows} rows{}",
+                        p.name,
+                        state_name(p.state),
+                        p.generation,
+                        p.flows.len(),
+                        if p.last_error.is_empty() { String::new() } else { format!("; error: {}", p.last_error) }
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error),
+        },
+        Command::Stop { name } => match remote.stop(&name).await {
+            Ok(status) => {
+                println!("pipeline {name}: {}", state_name(status.state));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error),
+        },
+        Command::Resume { name } => match remote.resume(&name).await {
+            Ok(status) => {
+                println!("pipeline {name}: resumed (generation {})", status.generation);
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error),
+        },
+        Command::Run { .. } | Command::Validate { .. } => unreachable!("handled by main"),
+    }
+}
+
+/// `submit --wait`: prints each flow's progress as it changes, until the run is caught up.
+async fn follow(remote: &Remote, name: &str, generation: u64) -> ExitCode {
+    use sluice_proto::pb::v1::{PipelineState, PipelineStatus};
+    let is = |s: &PipelineStatus, state: PipelineState| s.state == state as i32;
+    let mut printed: std::collections::HashMap<String, (u64, String)> = Default::default();
+    let each = |status: &PipelineStatus| {
+        if status.generation != generation {
+            return;
+        }
+        for f in &status.flows {
+            let seen = printed.entry(f.name.clone()).or_default();
+            if f.batches_committed != seen.0 && f.batches_committed > 0 {
+                println!(
+                    "{}: {} batches, {} files, {} rows committed (Delta version {})",
+                    f.name, f.batches_committed, f.files_done, f.rows_done, f.last_delta_version
+                );
+            }
+            if !f.last_error.is_empty() && f.last_error != seen.1 {
+                eprintln!("{}: error, retrying: {}", f.name, f.last_error);
+            }
+            *seen = (f.batches_committed, f.last_error.clone());
+        }
+    };
+    let done = |s: &PipelineStatus| {
+        s.generation == generation
+            && (is(s, PipelineState::Completed)
+                || is(s, PipelineState::Failed)
+                || is(s, PipelineState::Stopped)
+                || (is(s, PipelineState::Waiting) && s.flows.iter().all(|f| f.caught_up)))
+    };
+    match remote.watch(name, std::time::Duration::from_secs(60), each, done).await {
+        Ok(status) if is(&status, PipelineState::Completed) || is(&status, PipelineState::Waiting) => {
+            let rows: u64 = status.flows.iter().map(|f| f.rows_done).sum();
+            let files: u64 = status.flows.iter().map(|f| f.files_done).sum();
+            println!("pipeline {name}: caught up: {files} files, {rows} rows");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("error: pipeline {name} {}: {}", state_name(status.state), status.last_error);
+            ExitCode::FAILURE
+        }
+        Err(error) => fail(&error),
     }
 }
 

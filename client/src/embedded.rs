@@ -6,6 +6,7 @@
 //! decoding and Parquet encoding never hold up the coordinator's loop.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use sluice_coordinator::pipeline_runner::{RunEnvironment, RunFailure, run_pipeline};
 use sluice_coordinator::progress::{ProgressSink, RunSummary};
@@ -63,7 +64,8 @@ impl Embedded {
             WorkerOptions { id: format!("embedded-{}", std::process::id()), slots: self.slots, timings },
             worker_shutdown.clone(),
         ));
-        let env = RunEnvironment { kv, keys, parallelism: self.slots, timings, progress };
+        let parallelism = Arc::new(AtomicUsize::new(self.slots));
+        let env = RunEnvironment { kv, keys, parallelism, timings, progress, fence: None };
         let result = run_pipeline(spec, env, cancel).await;
         worker_shutdown.cancel();
         let _ = worker.await;

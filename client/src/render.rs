@@ -73,7 +73,7 @@ pub fn line_for(event: &ProgressEvent) -> Option<String> {
                 plural(*tasks as u64, "task")
             )
         }
-        ProgressEvent::TaskFinished { .. } => return None,
+        ProgressEvent::TaskFinished { .. } | ProgressEvent::Discovered { .. } => return None,
         ProgressEvent::TaskRetried { flow, batch, message } => {
             format!("{flow}: batch {batch}: a task failed and runs again: {message}")
         }

@@ -24,6 +24,8 @@ pub enum CoordinatorError {
     Delta { flow: String, table: String, source: DeltaTableError },
     #[error("coordination store: {0}")]
     Queue(#[from] QueueError),
+    #[error("flow `{flow}`: not committing: {message}")]
+    Fenced { flow: String, message: String },
 }
 
 impl CoordinatorError {
@@ -37,6 +39,7 @@ impl CoordinatorError {
             CoordinatorError::Delta { .. } | CoordinatorError::SourceListing { .. } => true,
             CoordinatorError::BatchFailed { retryable, .. } => *retryable,
             CoordinatorError::SourceMissing { .. } | CoordinatorError::Schema { .. } => false,
+            CoordinatorError::Fenced { .. } => false,
         }
     }
 }

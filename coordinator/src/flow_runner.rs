@@ -9,13 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use deltalake::kernel::Add;
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
-use sluice_proto::queue::TaskQueue;
+use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::spec::{FlowSpec, SchemaSpec};
 use sluice_proto::task::{SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
 use sluice_proto::timing::LeaseTimings;
@@ -34,6 +35,14 @@ use crate::planner::{next_batch, split_into_tasks};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent, ProgressSink};
 use crate::table_schema::{check_appendable, to_delta};
 
+/// A check that this process still holds the right to commit (a cluster
+/// coordinator's leadership). Embedded runs have none.
+#[async_trait::async_trait]
+pub trait CommitFence: Send + Sync {
+    /// `Err` with the reason when this process must not commit.
+    async fn check(&self) -> Result<(), String>;
+}
+
 /// A task that failed with a retryable error is handed out this many times in all.
 pub const MAX_TASK_ATTEMPTS: u32 = 3;
 
@@ -45,8 +54,11 @@ pub struct FlowContext {
     pub checkpoint: Arc<Checkpoint>,
     pub kv: Arc<dyn KvStore>,
     pub keys: Keys,
-    /// Worker slots available, for splitting batches into tasks.
-    pub parallelism: usize,
+    /// Worker slots available, for splitting batches into tasks (live: a cluster's
+    /// coordinator updates it as workers come and go).
+    pub parallelism: Arc<AtomicUsize>,
+    /// Asked right before each commit whether this process may still commit.
+    pub fence: Option<Arc<dyn CommitFence>>,
     pub timings: LeaseTimings,
     pub progress: ProgressSink,
 }
@@ -110,6 +122,11 @@ impl FlowRunner {
             }
         }
         new.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
+        self.ctx.progress.send(ProgressEvent::Discovered {
+            flow: self.flow().to_string(),
+            files: new.len() as u64,
+            bytes: new.iter().map(|f| f.size).sum(),
+        });
         while !new.is_empty() && !cancel.is_cancelled() {
             let files = next_batch(&new, source.max_files_per_batch, source.max_bytes_per_batch);
             let planned = BatchPlan { batch: state.next_batch, files, planned_at_us: now_us() };
@@ -361,6 +378,9 @@ impl FlowRunner {
             properties: self.ctx.flow.sink.properties.clone(),
             info: commit_info(&self.ctx.pipeline, &flow, plan, rows),
         };
+        if let Some(fence) = &self.ctx.fence {
+            fence.check().await.map_err(|message| CoordinatorError::Fenced { flow: flow.clone(), message })?;
+        }
         let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
             flow: flow.clone(),
             batch: plan.batch,
@@ -387,7 +407,7 @@ impl FlowRunner {
 
     fn tasks_for(&self, plan: &BatchPlan, source_schema: &SchemaRef, table_schema: &Schema) -> Vec<TaskSpec> {
         let source = self.ctx.flow.files_source();
-        split_into_tasks(&plan.files, self.ctx.parallelism)
+        split_into_tasks(&plan.files, self.ctx.parallelism.load(Ordering::Relaxed))
             .into_iter()
             .enumerate()
             .map(|(index, files)| TaskSpec {
@@ -422,7 +442,17 @@ impl FlowRunner {
         let flow = self.flow().to_string();
         let mut done: BTreeMap<u32, TaskResult> = BTreeMap::new();
         while done.len() < tasks.len() {
-            let (revision, outcomes) = queue.outcomes(&self.ctx.pipeline, &flow, batch).await?;
+            let (revision, outcomes) = match queue.outcomes(&self.ctx.pipeline, &flow, batch).await {
+                Ok(listing) => listing,
+                Err(QueueError::Kv(error)) if error.is_retryable() => {
+                    // The store is unreachable for a while: the workers keep working and
+                    // their results wait in the store, so wait for it rather than fail the batch.
+                    warn!(flow, batch, %error, "cannot read task outcomes; retrying");
+                    tokio::time::sleep(self.ctx.timings.poll_interval()).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             for (index, outcome) in outcomes {
                 let Some(task) = tasks.get_mut(index as usize) else { continue };
                 if done.contains_key(&index) {
@@ -456,9 +486,12 @@ impl FlowRunner {
                 }
             }
             if done.len() < tasks.len() {
-                queue
+                let waited = queue
                     .wait_for_outcomes(&self.ctx.pipeline, &flow, batch, revision, self.ctx.timings.poll_interval())
-                    .await?;
+                    .await;
+                if waited.is_err() {
+                    tokio::time::sleep(self.ctx.timings.poll_interval()).await;
+                }
             }
         }
         Ok(done.into_values().collect())

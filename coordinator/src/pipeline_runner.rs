@@ -9,6 +9,7 @@
 //! error ends the run.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use sluice_proto::keys::Keys;
@@ -20,7 +21,7 @@ use tracing::info;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::CoordinatorError;
-use crate::flow_runner::{FlowContext, FlowRunner};
+use crate::flow_runner::{CommitFence, FlowContext, FlowRunner};
 use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
 
 /// Where a pipeline runs: the coordination store its tasks go through, and how
@@ -29,9 +30,12 @@ use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
 pub struct RunEnvironment {
     pub kv: Arc<dyn KvStore>,
     pub keys: Keys,
-    pub parallelism: usize,
+    /// Worker slots serving the pipeline; a cluster coordinator keeps it up to date.
+    pub parallelism: Arc<AtomicUsize>,
     pub timings: LeaseTimings,
     pub progress: ProgressSink,
+    /// Checked before every commit (a cluster coordinator's leadership).
+    pub fence: Option<Arc<dyn CommitFence>>,
 }
 
 /// A failed run: the error, and what was committed before it.
@@ -77,9 +81,10 @@ async fn run_rounds(
                 checkpoint: checkpoint.clone(),
                 kv: env.kv.clone(),
                 keys: env.keys.clone(),
-                parallelism: env.parallelism,
+                parallelism: env.parallelism.clone(),
                 timings: env.timings,
                 progress: env.progress.clone(),
+                fence: env.fence.clone(),
             })
         })
         .collect();

@@ -4,6 +4,12 @@ use serde::Serialize;
 
 #[derive(Debug, Clone)]
 pub enum ProgressEvent {
+    /// A flow listed its source: this many files (and bytes) are new and wait for a batch.
+    Discovered {
+        flow: String,
+        files: u64,
+        bytes: u64,
+    },
     /// A batch's files are fixed in the checkpoint and its tasks are about to run.
     BatchStarted {
         flow: String,

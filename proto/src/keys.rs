@@ -8,8 +8,24 @@
 //! /sluice/<ns>/tasks/<pipeline>/<flow>/<batch:020>/<task:06>    TaskSpec JSON     put by the coordinator
 //! /sluice/<ns>/claims/<pipeline>/<flow>/<batch:020>/<task:06>   worker id         created if absent, bound to the worker's lease
 //! /sluice/<ns>/results/<pipeline>/<flow>/<batch:020>/<task:06>  TaskOutcome JSON  put by the worker, only while its claim holds
-//! /sluice/<ns>/workers/<worker id>                              worker id         bound to the worker's lease
+//! /sluice/<ns>/workers/<worker id>                              WorkerRegistration JSON, bound to the worker's lease
+//! /sluice/<ns>/leader                                           LeaderValue JSON  created if absent, bound to the leader's lease
+//! /sluice/<ns>/pipelines/<pipeline>                             PipelineRecord JSON  put by any coordinator (submit, stop, resume)
+//! /sluice/<ns>/status/<pipeline>                                PipelineStatus protobuf  put by the leader, only while it leads
 //! ```
+//!
+//! Claim values are `<worker id>#<token>`, unique per claim (see
+//! [`crate::task::claim_value`]).
+//!
+//! Coordinators elect a leader by creating `leader` under their own lease; the
+//! others watch it and try again when it vanishes. Only the leader runs
+//! pipelines; it checks that `leader` still holds its value right before every
+//! Delta commit, and writes `status/` guarded by the same comparison, so a
+//! deposed leader can neither commit nor overwrite its successor's status.
+//! (The Delta txn check makes a commit racing that check harmless: see
+//! `docs/DESIGN.md`.) Submitted specs live in `pipelines/` so that a new leader
+//! knows every pipeline; what they have ingested lives in their Delta tables and
+//! checkpoints, never in etcd.
 //!
 //! A task is free when it has neither a claim nor a result. A worker that dies
 //! loses its lease, its claims vanish with it, and the task is free again. The
@@ -43,6 +59,31 @@ impl Keys {
 
     pub fn results_prefix(&self) -> String {
         format!("{}/results/", self.root)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}/leader", self.root)
+    }
+
+    pub fn pipelines_prefix(&self) -> String {
+        format!("{}/pipelines/", self.root)
+    }
+
+    pub fn pipeline(&self, name: &str) -> String {
+        format!("{}{name}", self.pipelines_prefix())
+    }
+
+    pub fn status_prefix(&self) -> String {
+        format!("{}/status/", self.root)
+    }
+
+    pub fn status(&self, name: &str) -> String {
+        format!("{}{name}", self.status_prefix())
+    }
+
+    /// Tasks (or claims, or results) of every batch of one pipeline, under `kind_prefix`.
+    pub fn pipeline_suffix(pipeline: &str) -> String {
+        format!("{pipeline}/")
     }
 
     pub fn workers_prefix(&self) -> String {

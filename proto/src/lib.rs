@@ -9,11 +9,19 @@
 //! - [`queue`]: the task queue protocol built on [`kv::KvStore`].
 //! - [`timing`]: lease and heartbeat timings, derived from one TTL.
 //!
-//! Nothing in this crate performs file or network I/O.
+//! - [`pb`]: the gRPC API generated from `proto/sluice/v1/sluice.proto`.
+//! - `etcd` (feature `etcd`): the etcd implementation of [`kv::KvStore`] and the
+//!   leader election.
+//!
+//! Apart from the etcd adapter, nothing in this crate performs file or network I/O.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod keys;
 pub mod kv;
+pub mod pb;
 pub mod queue;
+pub mod registry;
 pub mod schema_ddl;
 pub mod spec;
 pub mod task;

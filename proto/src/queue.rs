@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::keys::Keys;
 use crate::kv::{KvError, KvStore, LeaseId};
-use crate::task::{TaskId, TaskOutcome, TaskSpec};
+use crate::task::{TaskId, TaskOutcome, TaskSpec, claim_value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -98,8 +98,9 @@ impl TaskQueue<'_> {
 
     // ----- worker side -----
 
-    /// Claims the first free task, if any, for `worker` under `lease`.
-    pub async fn claim_next(&self, worker: &str, lease: LeaseId) -> Result<Option<TaskSpec>, QueueError> {
+    /// Claims the first free task, if any, for `worker` under `lease`. Returns the
+    /// task and the claim's value, which [`Self::publish_outcome`] needs.
+    pub async fn claim_next(&self, worker: &str, lease: LeaseId) -> Result<Option<(TaskSpec, String)>, QueueError> {
         let (tasks_prefix, claims_prefix, results_prefix) =
             (self.keys.tasks_prefix(), self.keys.claims_prefix(), self.keys.results_prefix());
         let tasks = self.kv.list(&tasks_prefix).await?;
@@ -128,25 +129,30 @@ impl TaskQueue<'_> {
                 continue;
             }
             let task: TaskSpec = decode(key, value)?;
-            if self.kv.create_if_absent(&self.keys.claim(&task.id), worker.as_bytes().to_vec(), Some(lease)).await? {
-                return Ok(Some(task));
+            let claim = claim_value(worker, &format!("{lease:x}-{}-{}", task.attempt, self.kv_nonce()));
+            if self.kv.create_if_absent(&self.keys.claim(&task.id), claim.clone().into_bytes(), Some(lease)).await? {
+                return Ok(Some((task, claim)));
             }
         }
         Ok(None)
     }
 
-    /// Publishes an outcome while `worker`'s claim on the task holds. False when the
-    /// claim is gone (lease lost, batch abandoned): the outcome must then be discarded.
-    pub async fn publish_outcome(&self, worker: &str, id: &TaskId, outcome: &TaskOutcome) -> Result<bool, QueueError> {
-        Ok(self
-            .kv
-            .put_if_equal(&self.keys.claim(id), worker.as_bytes(), &self.keys.result(id), encode(outcome))
-            .await?)
+    /// Publishes an outcome while the claim (as [`Self::claim_next`] returned it)
+    /// holds. False when the claim is gone (lease lost, batch abandoned, task
+    /// handed out again): the outcome must then be discarded.
+    pub async fn publish_outcome(&self, claim: &str, id: &TaskId, outcome: &TaskOutcome) -> Result<bool, QueueError> {
+        Ok(self.kv.put_if_equal(&self.keys.claim(id), claim.as_bytes(), &self.keys.result(id), encode(outcome)).await?)
     }
 
-    /// Waits for any change in the namespace (a new task, a claim that vanished).
+    fn kv_nonce(&self) -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits for a change to tasks or claims (a new task, a claim that vanished).
     pub async fn wait_for_work(&self, revision: u64, timeout: Duration) -> Result<(), QueueError> {
-        self.kv.wait_for_change(&self.keys.root_prefix(), revision, timeout).await?;
+        self.kv.wait_for_change(&self.keys.tasks_prefix(), revision, timeout).await?;
         Ok(())
     }
 
@@ -189,27 +195,30 @@ mod tests {
             kv.grant_lease(Duration::from_secs(30)).await.unwrap(),
             kv.grant_lease(Duration::from_secs(30)).await.unwrap(),
         );
-        let first = queue.claim_next("a", a).await.unwrap().unwrap();
-        let second = queue.claim_next("b", b).await.unwrap().unwrap();
+        let (first, first_claim) = queue.claim_next("a", a).await.unwrap().unwrap();
+        let (second, second_claim) = queue.claim_next("b", b).await.unwrap().unwrap();
         assert_ne!(first.id, second.id);
         assert!(queue.claim_next("b", b).await.unwrap().is_none());
 
         // Worker a dies: its claim vanishes, b takes the task over, a cannot publish.
         kv.revoke_lease(a).await.unwrap();
-        let retaken = queue.claim_next("b", b).await.unwrap().unwrap();
+        let (retaken, retaken_claim) = queue.claim_next("b", b).await.unwrap().unwrap();
         assert_eq!(retaken.id, first.id);
         let done = TaskOutcome::Done(TaskResult { worker: "a".into(), ..Default::default() });
-        assert!(!queue.publish_outcome("a", &first.id, &done).await.unwrap());
-        assert!(queue.publish_outcome("b", &first.id, &done).await.unwrap());
+        assert!(!queue.publish_outcome(&first_claim, &first.id, &done).await.unwrap());
+        assert!(queue.publish_outcome(&retaken_claim, &first.id, &done).await.unwrap());
         let failed = TaskOutcome::Failed(TaskFailure { message: "x".into(), retryable: true, worker: "b".into() });
-        assert!(queue.publish_outcome("b", &second.id, &failed).await.unwrap());
+        assert!(queue.publish_outcome(&second_claim, &second.id, &failed).await.unwrap());
         let (_, outcomes) = queue.outcomes("p", "f", 1).await.unwrap();
         assert_eq!(outcomes.len(), 2);
 
         // A retried task is free again with a higher attempt.
         queue.retry(&second).await.unwrap();
-        let again = queue.claim_next("b", b).await.unwrap().unwrap();
+        let (again, again_claim) = queue.claim_next("b", b).await.unwrap().unwrap();
         assert_eq!((again.id.index, again.attempt), (second.id.index, 1));
+        // The first attempt's claim cannot publish under the second claim, even from the same worker.
+        assert!(!queue.publish_outcome(&second_claim, &second.id, &failed).await.unwrap());
+        assert!(queue.publish_outcome(&again_claim, &second.id, &failed).await.unwrap());
         queue.clear_batch("p", "f", 1).await.unwrap();
         assert!(kv.list(&keys.root_prefix()).await.unwrap().entries.is_empty());
     }

@@ -82,3 +82,24 @@ pub struct TaskFailure {
     pub retryable: bool,
     pub worker: String,
 }
+
+/// What a worker registers under its lease (`workers/<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRegistration {
+    pub id: String,
+    /// Tasks it runs at a time.
+    pub slots: u32,
+}
+
+/// The value of a claim key: the claiming worker and a token unique to this
+/// claim, so that a worker whose claim lapsed and who claimed the same task
+/// again cannot publish the outcome of its first attempt under the second claim.
+pub fn claim_value(worker: &str, token: &str) -> String {
+    format!("{worker}#{token}")
+}
+
+/// The worker named in a claim value.
+pub fn claim_worker(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    text.split_once('#').map_or(text.to_string(), |(worker, _)| worker.to_string())
+}

@@ -2,5 +2,6 @@
 //! generator ([`invoices`]) and a harness that runs the real `sluice` binary in
 //! a scratch folder and reads Delta tables back ([`harness`]).
 
+pub mod cluster;
 pub mod harness;
 pub mod invoices;

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_proto::keys::Keys;
-use sluice_proto::kv::{KvStore, LeaseId};
+use sluice_proto::kv::{KvError, KvStore, LeaseId};
 use sluice_proto::queue::TaskQueue;
-use sluice_proto::task::{TaskFailure, TaskOutcome, TaskSpec};
+use sluice_proto::task::{TaskFailure, TaskOutcome, TaskSpec, WorkerRegistration};
 use sluice_proto::timing::LeaseTimings;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -51,8 +51,11 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
         }
         lease_scope.cancelled().await;
         while loops.join_next().await.is_some() {}
+        // On shutdown, and when we think the lease is lost while etcd may think
+        // otherwise (it could not be reached for a TTL): revoking frees our
+        // claims and registration now instead of when etcd expires the lease.
+        let _ = kv.revoke_lease(lease).await;
         if shutdown.is_cancelled() {
-            let _ = kv.revoke_lease(lease).await;
             return;
         }
         warn!(worker = %options.id, "lease lost; running tasks were abandoned, registering again");
@@ -62,14 +65,22 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
 async fn register(kv: &dyn KvStore, keys: &Keys, options: &WorkerOptions) -> Result<LeaseId, WorkerError> {
     let queue_error = |e| WorkerError::Queue(sluice_proto::queue::QueueError::Kv(e));
     let lease = kv.grant_lease(options.timings.ttl).await.map_err(queue_error)?;
-    kv.create_if_absent(&keys.worker(&options.id), options.id.as_bytes().to_vec(), Some(lease))
-        .await
-        .map_err(queue_error)?;
+    let registration = WorkerRegistration { id: options.id.clone(), slots: options.slots.max(1) as u32 };
+    let value = serde_json::to_vec(&registration).unwrap_or_default();
+    if !kv.create_if_absent(&keys.worker(&options.id), value, Some(lease)).await.map_err(queue_error)? {
+        // Our previous registration, whose lease has not expired yet: it goes with that lease.
+        warn!(worker = %options.id, "an earlier registration of this worker is still there; waiting for it to expire");
+        let _ = kv.revoke_lease(lease).await;
+        return Err(WorkerError::Queue(sluice_proto::queue::QueueError::Kv(KvError::Unavailable(
+            "worker id still registered".into(),
+        ))));
+    }
     Ok(lease)
 }
 
-/// Keeps the lease alive; cancels `scope` when it is lost.
-async fn keep_alive(kv: Arc<dyn KvStore>, lease: LeaseId, timings: LeaseTimings, scope: CancellationToken) {
+/// Keeps the lease alive; cancels `scope` when it is lost (etcd said so, or no
+/// keep-alive got through for a whole TTL).
+pub async fn keep_alive(kv: Arc<dyn KvStore>, lease: LeaseId, timings: LeaseTimings, scope: CancellationToken) {
     let deadline_after = |now: tokio::time::Instant| now + timings.ttl;
     let mut lease_deadline = deadline_after(tokio::time::Instant::now());
     loop {
@@ -97,14 +108,18 @@ async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lea
     while !scope.is_cancelled() {
         let revision = queue.revision().await.unwrap_or(0);
         match queue.claim_next(&options.id, lease).await {
-            Ok(Some(task)) => {
+            Ok(Some((task, claim))) => {
                 let span = info_span!("task", task = %task.id, worker = %options.id, attempt = task.attempt);
-                run_claimed(&queue, &options.id, task, &scope).instrument(span).await;
+                run_claimed(&queue, &options.id, &claim, task, &scope).instrument(span).await;
             }
             Ok(None) => {
                 tokio::select! {
                     _ = scope.cancelled() => return,
-                    _ = queue.wait_for_work(revision, options.timings.poll_interval()) => {}
+                    waited = queue.wait_for_work(revision, options.timings.poll_interval()) => {
+                        if waited.is_err() {
+                            tokio::time::sleep(RETRY_DELAY).await;
+                        }
+                    }
                 }
             }
             Err(error) => {
@@ -118,7 +133,7 @@ async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lea
     }
 }
 
-async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, task: TaskSpec, scope: &CancellationToken) {
+async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, claim: &str, task: TaskSpec, scope: &CancellationToken) {
     let started = std::time::Instant::now();
     let result = run_task(&task, worker, scope).await;
     if scope.is_cancelled() {
@@ -138,21 +153,21 @@ async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, task: TaskSpec, scope:
             })
         }
     };
-    publish(queue, worker, &task, &outcome, scope).await;
+    publish(queue, claim, &task, &outcome, scope).await;
 }
 
 /// Publishes an outcome, retrying while the store is unreachable. Gives up only
 /// when the claim is gone or the lease is lost: then the task runs again elsewhere.
 async fn publish(
     queue: &TaskQueue<'_>,
-    worker: &str,
+    claim: &str,
     task: &TaskSpec,
     outcome: &TaskOutcome,
     scope: &CancellationToken,
 ) {
     let mut delay = RETRY_DELAY;
     loop {
-        match queue.publish_outcome(worker, &task.id, outcome).await {
+        match queue.publish_outcome(claim, &task.id, outcome).await {
             Ok(true) => return,
             Ok(false) => {
                 warn!("the claim on the task is gone; its outcome is discarded");

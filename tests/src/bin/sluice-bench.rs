@@ -3,6 +3,12 @@
 //! same build profile, and reports MB/s, rows/s and peak memory.
 //!
 //! `cargo run --release -p sluice-tests --bin sluice-bench -- --invoices 1000000`
+//!
+//! With `--cluster`, it also runs the same ingest on a local cluster (its own
+//! etcd, one `sluice-coordinator`, then 1 and 2 `sluice-worker` processes of
+//! `--slots` slots each) and reports each one's throughput and the overhead
+//! against the embedded runtime with the same slots
+//! (`cargo build --release --bins` first).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,15 +40,90 @@ struct Args {
     /// `schema: infer` instead of the declared invoice schema.
     #[arg(long)]
     infer: bool,
+    /// Also run on a local cluster with 1 and with 2 worker processes.
+    #[arg(long)]
+    cluster: bool,
+}
+
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("the benchmark binary has a folder")?.join(name);
+    if !bin.exists() {
+        bail!("{} is missing: build it with `cargo build --release --bins`", bin.display());
+    }
+    Ok(bin)
 }
 
 fn sluice_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("the benchmark binary has a folder")?.join("sluice");
-    if !bin.exists() {
-        bail!("{} is missing: build it with `cargo build --release --bin sluice`", bin.display());
+    binary("sluice")
+}
+
+/// Runs the pipeline in `dir` on a fresh local cluster with `workers` worker
+/// processes of `slots` slots; returns the seconds from submit to caught up.
+fn cluster_run(dir: &Path, workers: usize, slots: usize) -> anyhow::Result<f64> {
+    use sluice_tests::cluster::{Etcd, free_port};
+    use std::process::{Child, Stdio};
+    struct Killed(Vec<Child>);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
-    Ok(bin)
+    let etcd = Etcd::start();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut processes = Killed(Vec::new());
+    let log = std::fs::File::create(dir.join(format!("cluster-{workers}.log")))?;
+    processes.0.push(
+        Command::new(binary("sluice-coordinator")?)
+            .args(["--etcd", &etcd.endpoint(), "--listen", &format!("127.0.0.1:{port}"), "--log", "warn"])
+            .stderr(log.try_clone()?)
+            .spawn()?,
+    );
+    for _ in 0..workers {
+        processes.0.push(
+            Command::new(binary("sluice-worker")?)
+                .args(["--etcd", &etcd.endpoint(), "--slots", &slots.to_string(), "--log", "warn"])
+                .stderr(log.try_clone()?)
+                .spawn()?,
+        );
+    }
+    // Wait until the coordinator answers and every worker has registered.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let output = Command::new(sluice_binary()?).args(["--coordinator", &url, "list", "--json"]).output()?;
+        if output.status.success() {
+            let probe = Command::new(sluice_binary()?)
+                .args(["--coordinator", &url, "submit", "probe.yaml"])
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = probe;
+            let status = Command::new(sluice_binary()?).args(["--coordinator", &url, "status", "probe", "--json"]).output()?;
+            let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+            if status["workers"].as_array().is_some_and(|w| w.len() == workers) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the local cluster did not come up; see {}", dir.join(format!("cluster-{workers}.log")).display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let started = Instant::now();
+    let output = Command::new(sluice_binary()?)
+        .args(["--coordinator", &url, "submit", "pipeline.yaml", "--wait"])
+        .current_dir(dir)
+        .output()?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!("submit --wait failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(seconds)
 }
 
 fn generate(landing: &Path, args: &Args) -> anyhow::Result<u64> {
@@ -81,6 +162,50 @@ fn main() -> anyhow::Result<()> {
     );
     std::fs::write(dir.join("pipeline.yaml"), pipeline)?;
     println!("input: {} invoices in {} files, {} ({bytes} bytes)", args.invoices, args.files, ByteSize(bytes));
+    if args.cluster {
+        // A probe pipeline with nothing to ingest, to see that the cluster is up.
+        std::fs::create_dir_all(dir.join("probe-landing"))?;
+        std::fs::write(
+            dir.join("probe.yaml"),
+            "pipeline: probe\ncheckpoint: ./probe-lake/_checkpoints\nflows:\n  - name: probe\n    source:\n      files:\n        path: ./probe-landing\n        format: json\n        schema: \"a STRING\"\n    sink:\n      table: ./probe-lake/t\n",
+        )?;
+        let slots = args.slots.unwrap_or(1);
+        let mut results = Vec::new();
+        for workers in [0usize, 1, 2] {
+            let mut best = f64::MAX;
+            for _ in 0..args.runs {
+                for lake in ["lake", "probe-lake"] {
+                    if dir.join(lake).exists() {
+                        std::fs::remove_dir_all(dir.join(lake))?;
+                    }
+                }
+                let seconds = if workers == 0 {
+                    let started = Instant::now();
+                    let output = Command::new(&sluice)
+                        .args(["run", "pipeline.yaml", "--slots", &slots.to_string()])
+                        .current_dir(&dir)
+                        .output()?;
+                    if !output.status.success() {
+                        bail!("sluice failed: {}", String::from_utf8_lossy(&output.stderr));
+                    }
+                    started.elapsed().as_secs_f64()
+                } else {
+                    cluster_run(&dir, workers, slots)?
+                };
+                best = best.min(seconds);
+            }
+            results.push(best);
+            let what = if workers == 0 {
+                format!("embedded, {slots} slot(s)")
+            } else {
+                format!("cluster, {workers} worker process(es) x {slots} slot(s)")
+            };
+            let overhead = if workers == 1 { format!(", overhead vs embedded {:+.0}%", (best / results[0] - 1.0) * 100.0) } else { String::new() };
+            let speedup = if workers == 2 { format!(", {:.2}x one worker", results[1] / best) } else { String::new() };
+            println!("{what}: {best:.2}s, {:.1} MB/s{overhead}{speedup}", bytes as f64 / 1e6 / best);
+        }
+        return Ok(());
+    }
     for run in 1..=args.runs {
         let lake = dir.join("lake");
         if lake.exists() {

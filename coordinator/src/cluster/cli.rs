@@ -1,0 +1,186 @@
+//! `sluice-coordinator`: serves the gRPC API, campaigns for leadership, and
+//! while leading runs every submitted pipeline.
+//!
+//! The health service (`grpc.health.v1`) reports `SERVING` while etcd answers
+//! and `NOT_SERVING` while it does not; server reflection is on, so `grpcurl`
+//! works without the .proto files. SIGTERM or Ctrl-C resigns leadership at once
+//! (a standby takes over without waiting for the lease to expire) and exits.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_proto::etcd::{EtcdKv, EtcdOptions};
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::KvStore;
+use sluice_proto::pb::v1::FILE_DESCRIPTOR_SET;
+use sluice_proto::pb::v1::sluice_server::SluiceServer;
+use sluice_proto::timing::LeaseTimings;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::leader::Leadership;
+use super::manager::Manager;
+use super::server::SluiceService;
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice-coordinator", version, about = "The Sluice coordinator: gRPC API, leader election, pipeline runs.")]
+pub struct CoordinatorArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long = "etcd", env = "SLUICE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd: Vec<String>,
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// The address clients should dial, shown in status and to standbys' callers;
+    /// `http://<listen>` by default.
+    #[arg(long, env = "SLUICE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Key prefix in etcd, so that several clusters can share one etcd.
+    #[arg(long, env = "SLUICE_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// How long leadership outlives the leader's last keep-alive: a standby takes over within it.
+    #[arg(long, env = "SLUICE_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub lease_ttl: Duration,
+    /// This coordinator's id; host name and process id by default.
+    #[arg(long, env = "SLUICE_COORDINATOR_ID")]
+    pub id: Option<String>,
+    /// Log filter (tracing syntax).
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+pub fn main() -> ExitCode {
+    let args = CoordinatorArgs::parse();
+    sluice_worker::cluster_cli::init_tracing(&args.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().thread_name("sluice-coordinator").enable_all().build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: CoordinatorArgs) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    sluice_worker::cluster_cli::spawn_signal_handler(shutdown.clone());
+    let id = args.id.clone().unwrap_or_else(sluice_worker::cluster_cli::default_worker_id);
+    let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
+    let keys = Keys::new(&args.namespace);
+    let timings = LeaseTimings { ttl: args.lease_ttl };
+
+    let options = EtcdOptions::new(args.etcd.clone());
+    let kv = tokio::select! {
+        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
+        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => kv,
+    };
+    let kv: Arc<dyn KvStore> = match kv {
+        Ok(kv) => Arc::new(kv),
+        Err(e) => {
+            error!(%e, "cannot connect to etcd");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(reflection) => reflection,
+        Err(e) => {
+            error!(%e, "cannot build the reflection service");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(%id, listen = %args.listen, advertise, etcd = %args.etcd.join(","), namespace = %args.namespace, "sluice-coordinator starting");
+    let service = SluiceServer::new(SluiceService::new(kv.clone(), keys.clone()));
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
+                server_shutdown.cancelled().await
+            }),
+    );
+    tokio::spawn(probe_health(kv.clone(), keys.clone(), health, shutdown.clone()));
+
+    while !shutdown.is_cancelled() {
+        let Some(leadership) = Leadership::campaign(kv.clone(), &keys, &id, &advertise, timings, &shutdown).await
+        else {
+            break;
+        };
+        let leadership = Arc::new(leadership);
+        let manager = Manager::new(kv.clone(), keys.clone(), timings, leadership.clone());
+        let lead = tokio::spawn(manager.lead());
+        let lost = leadership.lost();
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                leadership.resign().await;
+                info!("resigned leadership");
+            }
+            _ = lost.cancelled() => {
+                // Revoke the lease in case etcd still counts it (we could not reach it
+                // for a TTL), so that whoever campaigns next does not wait for it.
+                leadership.resign().await;
+                warn!("lost leadership; campaigning again");
+            }
+        }
+        let _ = lead.await;
+    }
+    let _ = server.await;
+    info!("sluice-coordinator stopped");
+    ExitCode::SUCCESS
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
+
+/// Reports the API as serving only while etcd answers.
+async fn probe_health(
+    kv: Arc<dyn KvStore>,
+    keys: Keys,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut serving = None;
+    while !shutdown.is_cancelled() {
+        let ok = tokio::time::timeout(Duration::from_secs(3), kv.get(&keys.leader())).await.is_ok_and(|r| r.is_ok());
+        if serving != Some(ok) {
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                warn!("etcd is unreachable: reporting NOT_SERVING until it is back");
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health.set_service_status("sluice.v1.Sluice", status).await;
+            serving = Some(ok);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

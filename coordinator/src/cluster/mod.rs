@@ -1,0 +1,10 @@
+//! The distributed runtime's coordinator: leader election ([`leader`]), the
+//! leader's pipeline manager ([`manager`]), live status ([`status`]), the gRPC
+//! API every coordinator serves ([`server`]), and the `sluice-coordinator`
+//! binary ([`cli`]). The key layout is documented in `sluice_proto::keys`.
+
+pub mod cli;
+pub mod leader;
+pub mod manager;
+pub mod server;
+pub mod status;

@@ -1,0 +1,262 @@
+//! The gRPC API (`proto/sluice/v1/sluice.proto`), served by every coordinator.
+//!
+//! Specs and status live in the coordination store, so a standby answers every
+//! call as the leader would; writes take effect when the leader sees them.
+//! Errors map to gRPC codes in one place: [`ApiError`]'s `From` impl.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::{KvError, KvStore};
+use sluice_proto::pb::v1::sluice_server::Sluice;
+use sluice_proto::pb::v1::{
+    GetStatusRequest, ListPipelinesRequest, ListPipelinesResponse, PipelineState, PipelineStatus,
+    ResumePipelineRequest, StopPipelineRequest, SubmitPipelineRequest, SubmitPipelineResponse,
+    WatchProgressRequest,
+};
+use sluice_proto::registry::{Desired, PipelineRecord};
+use sluice_proto::spec::parse_pipeline;
+use tonic::{Request, Response, Status};
+
+use super::leader::current_leader;
+use super::status::{add_live_view, is_terminal, now_ms, pending_status, read_status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid pipeline: {0}")]
+    InvalidPipeline(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("pipeline `{0}` already exists; submit with --replace to replace it")]
+    AlreadyExists(String),
+    #[error("no pipeline named `{0}`")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("pipeline `{0}` changed while this request was handled; try again")]
+    Conflict(String),
+}
+
+impl From<KvError> for ApiError {
+    fn from(error: KvError) -> Self {
+        ApiError::Unavailable(format!("the coordinator cannot reach etcd: {error}"))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        let message = error.to_string();
+        match error {
+            ApiError::InvalidPipeline(_) | ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::AlreadyExists(_) => Status::already_exists(message),
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::Conflict(_) => Status::aborted(message),
+        }
+    }
+}
+
+pub struct SluiceService {
+    kv: Arc<dyn KvStore>,
+    keys: Keys,
+}
+
+impl SluiceService {
+    pub fn new(kv: Arc<dyn KvStore>, keys: Keys) -> Self {
+        Self { kv, keys }
+    }
+
+    async fn record(&self, name: &str) -> Result<(PipelineRecord, Vec<u8>), ApiError> {
+        if name.is_empty() {
+            return Err(ApiError::InvalidArgument("a pipeline name is required".into()));
+        }
+        let bytes = self.kv.get(&self.keys.pipeline(name)).await?.ok_or_else(|| ApiError::NotFound(name.into()))?;
+        let record = PipelineRecord::decode(&bytes)
+            .map_err(|e| ApiError::Unavailable(format!("the stored record of `{name}` is malformed: {e}")))?;
+        Ok((record, bytes))
+    }
+
+    /// The status users see: the leader's, or pending for a generation no leader took up yet.
+    async fn view(&self, record: &PipelineRecord) -> Result<PipelineStatus, ApiError> {
+        let stored = read_status(self.kv.as_ref(), &self.keys, &record.name).await?;
+        let mut status = match stored {
+            Some(status) if status.generation == record.generation => status,
+            _ => {
+                let spec = parse_pipeline(&record.yaml, record.base_dir.as_deref().map(Path::new)).ok();
+                pending_status(record, spec.as_ref())
+            }
+        };
+        if record.desired == Desired::Stopped && !is_terminal(status.state) {
+            status.state = PipelineState::Stopping as i32;
+        }
+        add_live_view(self.kv.as_ref(), &self.keys, &mut status).await?;
+        if status.leader.is_empty() || !is_terminal(status.state) {
+            status.leader = current_leader(self.kv.as_ref(), &self.keys).await?.map(|l| l.describe()).unwrap_or_default();
+        }
+        Ok(status)
+    }
+
+    async fn status_of(&self, name: &str) -> Result<PipelineStatus, ApiError> {
+        let (record, _) = self.record(name).await?;
+        self.view(&record).await
+    }
+
+    /// Rewrites a record with `change`, guarded on it being unchanged meanwhile.
+    async fn update(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut PipelineRecord),
+    ) -> Result<PipelineRecord, ApiError> {
+        for _ in 0..5 {
+            let (mut record, old) = self.record(name).await?;
+            change(&mut record);
+            let key = self.keys.pipeline(name);
+            if self.kv.put_if_equal(&key, &old, &key, record.encode()).await? {
+                return Ok(record);
+            }
+        }
+        Err(ApiError::Conflict(name.into()))
+    }
+
+    async fn submit(&self, request: SubmitPipelineRequest) -> Result<SubmitPipelineResponse, ApiError> {
+        let base_dir = (!request.base_dir.is_empty()).then(|| request.base_dir.clone());
+        if let Some(dir) = &base_dir
+            && !Path::new(dir).is_absolute()
+        {
+            return Err(ApiError::InvalidArgument(format!("base_dir must be an absolute path, not `{dir}`")));
+        }
+        let spec = parse_pipeline(&request.yaml, base_dir.as_deref().map(Path::new))
+            .map_err(|e| ApiError::InvalidPipeline(e.to_string()))?;
+        let record = PipelineRecord {
+            name: spec.name.clone(),
+            yaml: request.yaml,
+            base_dir,
+            generation: 1,
+            desired: Desired::Running,
+            submitted_at_ms: now_ms(),
+        };
+        let key = self.keys.pipeline(&spec.name);
+        if self.kv.create_if_absent(&key, record.encode(), None).await? {
+            return Ok(SubmitPipelineResponse { name: spec.name, generation: 1, replaced: false });
+        }
+        if !request.replace {
+            return Err(ApiError::AlreadyExists(spec.name));
+        }
+        let replaced = self
+            .update(&spec.name, |old| {
+                let generation = old.generation + 1;
+                *old = PipelineRecord { generation, ..record.clone() };
+            })
+            .await?;
+        Ok(SubmitPipelineResponse { name: spec.name, generation: replaced.generation, replaced: true })
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<PipelineStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Sluice for SluiceService {
+    async fn submit_pipeline(
+        &self,
+        request: Request<SubmitPipelineRequest>,
+    ) -> Result<Response<SubmitPipelineResponse>, Status> {
+        Ok(Response::new(self.submit(request.into_inner()).await?))
+    }
+
+    async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<PipelineStatus>, Status> {
+        Ok(Response::new(self.status_of(&request.into_inner().name).await?))
+    }
+
+    async fn list_pipelines(
+        &self,
+        _request: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let listing = self.kv.list(&self.keys.pipelines_prefix()).await.map_err(ApiError::from)?;
+        let mut pipelines = Vec::with_capacity(listing.entries.len());
+        for (_, value) in &listing.entries {
+            if let Ok(record) = PipelineRecord::decode(value) {
+                pipelines.push(self.view(&record).await?);
+            }
+        }
+        Ok(Response::new(ListPipelinesResponse { pipelines }))
+    }
+
+    async fn stop_pipeline(&self, request: Request<StopPipelineRequest>) -> Result<Response<PipelineStatus>, Status> {
+        let record = self.update(&request.into_inner().name, |r| r.desired = Desired::Stopped).await?;
+        Ok(Response::new(self.view(&record).await?))
+    }
+
+    async fn resume_pipeline(
+        &self,
+        request: Request<ResumePipelineRequest>,
+    ) -> Result<Response<PipelineStatus>, Status> {
+        let record = self
+            .update(&request.into_inner().name, |r| {
+                r.desired = Desired::Running;
+                r.generation += 1;
+            })
+            .await?;
+        Ok(Response::new(self.view(&record).await?))
+    }
+
+    type WatchProgressStream = StatusStream;
+
+    async fn watch_progress(
+        &self,
+        request: Request<WatchProgressRequest>,
+    ) -> Result<Response<Self::WatchProgressStream>, Status> {
+        let name = request.into_inner().name;
+        let first = self.status_of(&name).await?;
+        let (kv, keys) = (self.kv.clone(), self.keys.clone());
+        let service = SluiceService::new(kv.clone(), keys.clone());
+        let stream = async_stream(first, move |last: PipelineStatus| {
+            let (kv, keys, name) = (kv.clone(), keys.clone(), name.clone());
+            let service = SluiceService { kv: service.kv.clone(), keys: service.keys.clone() };
+            async move {
+                loop {
+                    let revision = kv.list(&keys.root_prefix()).await.map(|l| l.revision).unwrap_or(0);
+                    let _ = kv.wait_for_change(&keys.root_prefix(), revision, Duration::from_secs(2)).await;
+                    match service.status_of(&name).await {
+                        Ok(status) if same_progress(&status, &last) => continue,
+                        Ok(status) => return Some(Ok(status)),
+                        Err(ApiError::Unavailable(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                        Err(error) => return Some(Err(Status::from(error))),
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Equal but for the time stamp.
+fn same_progress(a: &PipelineStatus, b: &PipelineStatus) -> bool {
+    let mut a = a.clone();
+    a.updated_at_ms = b.updated_at_ms;
+    a == *b
+}
+
+/// A stream that yields `first`, then whatever `next(previous)` yields, until it yields `None`.
+fn async_stream<F, Fut>(first: PipelineStatus, next: F) -> impl Stream<Item = Result<PipelineStatus, Status>> + Send
+where
+    F: Fn(PipelineStatus) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<Result<PipelineStatus, Status>>> + Send,
+{
+    futures::stream::unfold((Some(first.clone()), first, next, false), |(pending, last, next, ended)| async move {
+        if ended {
+            return None;
+        }
+        if let Some(first) = pending {
+            return Some((Ok(first), (None, last, next, false)));
+        }
+        match next(last.clone()).await {
+            Some(Ok(status)) => Some((Ok(status.clone()), (None, status, next, false))),
+            Some(Err(error)) => Some((Err(error), (None, last, next, true))),
+            None => None,
+        }
+    })
+}

@@ -1,0 +1,6 @@
+//! `sluice-worker`, built inside this package so that `cargo test` rebuilds the
+//! exact program the cluster tests drive (see `sluice-cli.rs`).
+
+fn main() -> std::process::ExitCode {
+    sluice_worker::cluster_cli::main()
+}

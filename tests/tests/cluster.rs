@@ -1,0 +1,245 @@
+//! The distributed runtime with a real etcd server and real coordinator and
+//! worker processes: workers killed or frozen mid-batch, the leader killed
+//! mid-batch, etcd restarted mid-run, and the CLI against it all. Every test
+//! reads the Delta table back and checks each row is there exactly once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_tests::cluster::{Cluster, Etcd, free_port, reflected_services, wait_for_health};
+use sluice_tests::harness::{Sandbox, log_entries, query_i64};
+use sluice_tests::invoices::{INVOICE_SCHEMA, write_invoice_file};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn pipeline(name: &str, trigger: &str, files_per_batch: u32) -> String {
+    format!(
+        r#"
+pipeline: {name}
+checkpoint: ./lake/_checkpoints/{name}
+trigger: {trigger}
+flows:
+  - name: invoices_bronze
+    source:
+      files:
+        path: ./landing
+        format: json
+        schema: "{INVOICE_SCHEMA}"
+        max_files_per_batch: {files_per_batch}
+    sink:
+      table: ./lake/bronze/invoices
+"#
+    )
+}
+
+/// `files` files of 50 invoices each, numbered from 0.
+fn sandbox_with_files(name: &str, files: u64, files_per_batch: u32) -> Sandbox {
+    let sandbox = Sandbox::new();
+    for n in 0..files {
+        write_invoice_file(&sandbox.path(&format!("landing/f{n:03}.json")), 7, n * 50, 50).expect("write invoices");
+    }
+    sandbox.pipeline(&pipeline(name, "available_now", files_per_batch));
+    sandbox
+}
+
+fn txn_versions(table: &Path) -> Vec<i64> {
+    log_entries(table)
+        .iter()
+        .flatten()
+        .filter_map(|a| a.get("txn"))
+        .map(|t| t["version"].as_i64().expect("a version"))
+        .collect()
+}
+
+fn assert_exactly_once(table: &Path, rows: i64, batches: i64) {
+    assert_eq!(query_i64(table, "SELECT COUNT(*) FROM t"), rows, "row count");
+    assert_eq!(query_i64(table, r#"SELECT COUNT(DISTINCT "InvoiceNumber") FROM t"#), rows, "distinct invoices");
+    assert_eq!(txn_versions(table), (1..=batches).collect::<Vec<_>>(), "each batch committed exactly once");
+}
+
+fn submit(cluster: &Cluster, sandbox: &Sandbox) {
+    let output = cluster.cli(sandbox, &["submit", "pipeline.yaml"]);
+    assert_eq!(output.code, Some(0), "submit failed: {output:?}");
+}
+
+#[test]
+fn etcd_store_passes_the_conformance_suite() {
+    let etcd = Etcd::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
+        let options = sluice_proto::etcd::EtcdOptions::new(vec![etcd.endpoint()]);
+        let store = sluice_proto::etcd::EtcdKv::connect(&options).await.expect("connect to etcd");
+        sluice_proto::kv::conformance::run_all(&store, "/conformance").await;
+        let store: Arc<dyn sluice_proto::kv::KvStore> = Arc::new(store);
+        // A watch from a compacted revision reports a change instead of hanging or failing.
+        let listing = store.list("/compaction/").await.expect("list");
+        for n in 0..5 {
+            store.put(&format!("/compaction/{n}"), vec![n]).await.expect("put");
+        }
+        let mut client = etcd_client::Client::connect([etcd.endpoint()], None).await.expect("connect");
+        let now = store.list("/compaction/").await.expect("list").revision;
+        client.compact(now as i64, None).await.expect("compact");
+        let changed = store.wait_for_change("/compaction/", listing.revision, Duration::from_secs(5)).await;
+        assert!(changed.expect("a watch from a compacted revision"), "the caller must list again");
+    });
+}
+
+#[test]
+fn a_worker_killed_mid_batch_loses_its_tasks_to_another_worker() {
+    let sandbox = sandbox_with_files("killworker", 6, 3);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator("");
+    let doomed = cluster.start_worker(2, "during_read");
+    submit(&cluster, &sandbox);
+    cluster.workers[doomed].wait_for("failpoint during_read reached", LONG);
+    cluster.start_worker(2, "");
+    cluster.workers[doomed].kill_hard();
+
+    let status = cluster.wait_for_state(&sandbox, "killworker", "completed", LONG);
+    assert_eq!(status["flows"][0]["rows_done"], 300, "{status:#}");
+    assert_exactly_once(&table, 300, 2);
+}
+
+#[test]
+fn a_frozen_worker_past_its_lease_cannot_publish_its_late_result() {
+    let sandbox = sandbox_with_files("frozen", 4, 4);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator("");
+    let frozen = cluster.start_worker(4, "during_read=2s");
+    submit(&cluster, &sandbox);
+    cluster.workers[frozen].wait_for("failpoint during_read reached", LONG);
+    cluster.workers[frozen].signal("STOP");
+    cluster.start_worker(2, "");
+    cluster.wait_for_state(&sandbox, "frozen", "completed", LONG);
+    let rows_before = query_i64(&table, "SELECT COUNT(*) FROM t");
+
+    // Thawed, the worker finds its lease gone; whatever it finished is discarded.
+    cluster.workers[frozen].signal("CONT");
+    cluster.workers[frozen].wait_for("lease lost", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), rows_before);
+    assert_exactly_once(&table, 200, 1);
+    let status = cluster.status(&sandbox, "frozen");
+    assert_eq!(status["state"], "completed", "{status:#}");
+}
+
+#[test]
+fn the_standby_coordinator_finishes_the_batch_of_a_leader_killed_before_its_commit() {
+    let sandbox = sandbox_with_files("failover", 6, 3);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("3s");
+    let leader = cluster.start_coordinator("before_commit");
+    cluster.coordinators[leader].wait_for("this coordinator is the leader", LONG);
+    let standby = cluster.start_coordinator("");
+    cluster.coordinators[standby].wait_for("standing by", LONG);
+    cluster.start_worker(2, "");
+    submit(&cluster, &sandbox);
+    cluster.coordinators[leader].wait_for("failpoint before_commit reached", LONG);
+    cluster.coordinators[leader].kill_hard();
+
+    let status = cluster.wait_for_state(&sandbox, "failover", "completed", LONG);
+    assert!(cluster.coordinators[standby].logged("this coordinator is the leader"), "{}", cluster.logs());
+    assert!(status["leader"].as_str().is_some_and(|l| l.contains("coordinator-1")), "{status:#}");
+    assert_exactly_once(&table, 300, 2);
+}
+
+#[test]
+fn a_run_survives_an_etcd_restart() {
+    let sandbox = sandbox_with_files("etcdrestart", 6, 2);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("5s");
+    cluster.start_coordinator("");
+    let coordinator = cluster.coordinator_urls[0].clone();
+    let worker_health = format!("http://127.0.0.1:{}", free_port());
+    let listen = worker_health.trim_start_matches("http://").to_string();
+    let worker = cluster.start_worker_with(2, "during_read=3s", &["--health-listen", &listen]);
+    wait_for_health(&coordinator, "SERVING", Duration::from_secs(30));
+    wait_for_health(&worker_health, "SERVING", Duration::from_secs(30));
+    submit(&cluster, &sandbox);
+    cluster.workers[worker].wait_for("failpoint during_read reached", LONG);
+    cluster.etcd.stop();
+    // Both report themselves unready while etcd is away, and ready again after.
+    wait_for_health(&coordinator, "NOT_SERVING", Duration::from_secs(15));
+    wait_for_health(&worker_health, "NOT_SERVING", Duration::from_secs(15));
+    cluster.etcd.restart();
+    wait_for_health(&coordinator, "SERVING", Duration::from_secs(30));
+
+    cluster.wait_for_state(&sandbox, "etcdrestart", "completed", LONG);
+    assert_exactly_once(&table, 300, 3);
+}
+
+#[test]
+fn the_cli_submits_lists_stops_and_resumes_and_explains_errors() {
+    let sandbox = sandbox_with_files("clitest", 2, 10);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator("");
+    cluster.start_worker(2, "");
+
+    // Health checking and reflection, as grpcurl would use them.
+    wait_for_health(&cluster.coordinator_urls[0], "SERVING", Duration::from_secs(30));
+    let services = reflected_services(&cluster.coordinator_urls[0]);
+    assert!(services.iter().any(|s| s == "sluice.v1.Sluice"), "{services:?}");
+    assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{services:?}");
+
+    // submit --wait follows the run until it is caught up.
+    let output = cluster.cli(&sandbox, &["submit", "pipeline.yaml", "--wait"]);
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(output.stdout.contains("caught up: 2 files, 100 rows"), "{}", output.stdout);
+    assert_exactly_once(&table, 100, 1);
+
+    // The same name again: refused unless replaced.
+    let output = cluster.cli(&sandbox, &["submit", "pipeline.yaml"]);
+    assert_eq!(output.code, Some(1), "{output:?}");
+    assert!(output.stderr.contains("already exists") && output.stderr.contains("--replace"), "{}", output.stderr);
+
+    // An invalid pipeline: the field is named, exit code 2, nothing stored.
+    sandbox.write("broken.yaml", pipeline("broken", "available_now", 10).replace("format: json", "format: xml"));
+    let output = cluster.cli(&sandbox, &["submit", "broken.yaml"]);
+    assert_eq!(output.code, Some(2), "{output:?}");
+    assert!(output.stderr.contains("format") && output.stderr.contains("xml"), "{}", output.stderr);
+
+    // Unknown names.
+    for command in [&["status", "nope"][..], &["stop", "nope"], &["resume", "nope"]] {
+        let output = cluster.cli(&sandbox, command);
+        assert_eq!(output.code, Some(1), "{command:?}: {output:?}");
+        assert!(output.stderr.contains("no pipeline named `nope`"), "{}", output.stderr);
+    }
+
+    // An interval pipeline: stop it, land a file, resume it: the file is ingested once.
+    sandbox.write("interval.yaml", pipeline("clitest", "{ interval: 1s }", 10));
+    let output = cluster.cli(&sandbox, &["submit", "interval.yaml", "--replace", "--wait"]);
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(output.stdout.contains("replaced pipeline clitest (generation 2)"), "{}", output.stdout);
+    let output = cluster.cli(&sandbox, &["stop", "clitest"]);
+    assert_eq!(output.code, Some(0), "{output:?}");
+    cluster.wait_for_state(&sandbox, "clitest", "stopped", LONG);
+    write_invoice_file(&sandbox.path("landing/f100.json"), 7, 5000, 50).expect("write invoices");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 100, "a stopped pipeline ingests nothing");
+    let output = cluster.cli(&sandbox, &["resume", "clitest"]);
+    assert_eq!(output.code, Some(0), "{output:?}");
+    let deadline = std::time::Instant::now() + LONG;
+    while query_i64(&table, "SELECT COUNT(*) FROM t") < 150 {
+        assert!(std::time::Instant::now() < deadline, "the resumed pipeline did not ingest the new file");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_exactly_once(&table, 150, 2);
+
+    let output = cluster.cli(&sandbox, &["list"]);
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(output.stdout.contains("clitest") && output.stdout.contains("generation 3"), "{}", output.stdout);
+    let output = cluster.cli(&sandbox, &["status", "clitest"]);
+    assert!(output.stdout.contains("flow invoices_bronze") && output.stdout.contains("workers: 1 (2 slots)"), "{}", output.stdout);
+
+    // A coordinator that is not there: one line, no transport error stack.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let output = sandbox.command(&["list"]).env("SLUICE_COORDINATOR", &nowhere).output().expect("sluice starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&nowhere), "{stderr}");
+}

@@ -1,0 +1,179 @@
+//! `sluice-worker`: joins a cluster through etcd and runs tasks until stopped.
+//!
+//! SIGTERM or Ctrl-C stops it: running tasks are abandoned and the worker's
+//! lease is revoked, so their claims vanish at once and other workers take the
+//! tasks over without waiting for the lease to expire.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_proto::etcd::{EtcdKv, EtcdOptions};
+use sluice_proto::keys::Keys;
+use sluice_proto::kv::KvStore;
+use sluice_proto::timing::LeaseTimings;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::worker_loop::{WorkerOptions, run_worker};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice-worker", version, about = "A Sluice worker: claims tasks through etcd and writes data files.")]
+pub struct WorkerArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long = "etcd", env = "SLUICE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd, so that several clusters can share one etcd.
+    #[arg(long, env = "SLUICE_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Concurrent tasks; the number of cores by default.
+    #[arg(long, env = "SLUICE_SLOTS")]
+    pub slots: Option<usize>,
+    /// How long the worker's lease outlives its last keep-alive (keep-alives go every third of it).
+    #[arg(long, env = "SLUICE_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub lease_ttl: Duration,
+    /// This worker's id; host name, process id and a random suffix by default.
+    #[arg(long, env = "SLUICE_WORKER_ID")]
+    pub id: Option<String>,
+    /// Serve gRPC health checking (`grpc.health.v1`) on this address: `SERVING`
+    /// while the worker is registered in etcd under a live lease, `NOT_SERVING`
+    /// otherwise (etcd unreachable, lease lost and not yet registered again).
+    #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Log filter (tracing syntax).
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+pub fn main() -> ExitCode {
+    let args = WorkerArgs::parse();
+    init_tracing(&args.log);
+    let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(slots.max(2))
+        .thread_name("sluice-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args, slots))
+}
+
+async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
+    let id = args.id.clone().unwrap_or_else(default_worker_id);
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let options = EtcdOptions::new(args.etcd.clone());
+    let kv = tokio::select! {
+        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
+        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => kv,
+    };
+    let kv: Arc<dyn KvStore> = match kv {
+        Ok(kv) => Arc::new(kv),
+        Err(e) => {
+            error!(%e, "cannot connect to etcd");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(worker = %id, slots, etcd = %args.etcd.join(","), namespace = %args.namespace, "sluice-worker starting");
+    let timings = LeaseTimings { ttl: args.lease_ttl };
+    let keys = Keys::new(&args.namespace);
+    if let Some(address) = args.health_listen {
+        let listener = match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("error: cannot listen on {address}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let incoming = futures::stream::unfold(listener, |listener| async move {
+            Some((listener.accept().await.map(|(stream, _)| stream), listener))
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        );
+        tokio::spawn(report_health(kv.clone(), keys.worker(&id), reporter, shutdown.clone()));
+    }
+    run_worker(kv, keys, WorkerOptions { id, slots, timings }, shutdown).await;
+    info!("sluice-worker stopped");
+    ExitCode::SUCCESS
+}
+
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".to_string());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+}
+
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        info!("shutting down");
+        shutdown.cancel();
+    });
+}
+
+/// `SERVING` while this worker's registration key exists (etcd answers, the lease lives).
+async fn report_health(
+    kv: Arc<dyn KvStore>,
+    registration: String,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut serving = None;
+    while !shutdown.is_cancelled() {
+        let registered = tokio::time::timeout(Duration::from_secs(3), kv.get(&registration))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|v| v.is_some()));
+        if serving != Some(registered) {
+            let status = if registered {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            serving = Some(registered);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
