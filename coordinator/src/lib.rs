@@ -8,6 +8,8 @@
 //! [`pipeline_runner`] runs all flows of a pipeline on its trigger. The
 //! protocol is described in `docs/DESIGN.md`.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod checkpoint;

@@ -291,6 +291,8 @@ impl KvStore for MemoryKv {
 }
 
 /// The behaviour every [`KvStore`] must show. Each check uses keys under `prefix`.
+/// Test support: a check that fails panics.
+#[allow(clippy::unwrap_used)]
 pub mod conformance {
     use super::*;
 

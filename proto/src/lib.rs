@@ -15,6 +15,8 @@
 //!
 //! Apart from the etcd adapter, nothing in this crate performs file or network I/O.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod keys;

@@ -209,3 +209,13 @@ pub fn log_entries(table: &Path) -> Vec<Vec<serde_json::Value>> {
         })
         .collect()
 }
+
+/// The txn versions committed to the table, in log order (one per batch).
+pub fn txn_versions(table: &Path) -> Vec<i64> {
+    log_entries(table)
+        .iter()
+        .flatten()
+        .filter_map(|a| a.get("txn"))
+        .map(|t| t["version"].as_i64().expect("a version"))
+        .collect()
+}

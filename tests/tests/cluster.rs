@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_tests::cluster::{Cluster, Etcd, free_port, reflected_services, wait_for_health};
-use sluice_tests::harness::{Sandbox, log_entries, query_i64};
+use sluice_tests::harness::{Sandbox, query_i64, txn_versions};
 use sluice_tests::invoices::{INVOICE_SCHEMA, write_invoice_file};
 
 const LONG: Duration = Duration::from_secs(180);
@@ -41,15 +41,6 @@ fn sandbox_with_files(name: &str, files: u64, files_per_batch: u32) -> Sandbox {
     }
     sandbox.pipeline(&pipeline(name, "available_now", files_per_batch));
     sandbox
-}
-
-fn txn_versions(table: &Path) -> Vec<i64> {
-    log_entries(table)
-        .iter()
-        .flatten()
-        .filter_map(|a| a.get("txn"))
-        .map(|t| t["version"].as_i64().expect("a version"))
-        .collect()
 }
 
 fn assert_exactly_once(table: &Path, rows: i64, batches: i64) {

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_i64, table_version};
+use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_i64, table_version, txn_versions};
 use sluice_tests::invoices::{INVOICE_SCHEMA, write_invoice_file};
 
 const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,15 +39,6 @@ fn sandbox_with_files() -> Sandbox {
     }
     sandbox.pipeline(&pipeline("available_now"));
     sandbox
-}
-
-fn txn_versions(table: &Path) -> Vec<i64> {
-    log_entries(table)
-        .iter()
-        .flatten()
-        .filter_map(|a| a.get("txn"))
-        .map(|t| t["version"].as_i64().expect("a version"))
-        .collect()
 }
 
 fn parquet_files_on_disk(table: &Path) -> usize {

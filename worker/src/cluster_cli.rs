@@ -69,18 +69,7 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     let id = args.id.clone().unwrap_or_else(default_worker_id);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let options = EtcdOptions::new(args.etcd.clone());
-    let kv = tokio::select! {
-        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
-        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => kv,
-    };
-    let kv: Arc<dyn KvStore> = match kv {
-        Ok(kv) => Arc::new(kv),
-        Err(e) => {
-            error!(%e, "cannot connect to etcd");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(kv) = connect_etcd(&args.etcd, &shutdown).await else { return ExitCode::SUCCESS };
     info!(worker = %id, slots, etcd = %args.etcd.join(","), namespace = %args.namespace, "sluice-worker starting");
     let timings = LeaseTimings { ttl: args.lease_ttl };
     let keys = Keys::new(&args.namespace);
@@ -107,6 +96,22 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     run_worker(kv, keys, WorkerOptions { id, slots, timings }, shutdown).await;
     info!("sluice-worker stopped");
     ExitCode::SUCCESS
+}
+
+/// Connects to etcd, retrying with backoff until it answers; `None` on shutdown first.
+pub async fn connect_etcd(endpoints: &[String], shutdown: &CancellationToken) -> Option<Arc<dyn KvStore>> {
+    let options = EtcdOptions::new(endpoints.to_vec());
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => match kv {
+            Ok(kv) => Some(Arc::new(kv)),
+            Err(error) => {
+                // Only reachable with a finite number of attempts.
+                error!(%error, "cannot connect to etcd");
+                None
+            }
+        },
+    }
 }
 
 pub fn default_worker_id() -> String {

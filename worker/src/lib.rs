@@ -9,6 +9,8 @@
 //! The coordinator also uses [`formats`] (schema inference), [`transform`]
 //! (planning a flow's output schema) and [`storage`].
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 #[cfg(feature = "cluster")]
 pub mod cluster_cli;
 pub mod conform;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_proto::etcd::{EtcdKv, EtcdOptions};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::pb::v1::FILE_DESCRIPTOR_SET;
@@ -74,17 +73,8 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
     let keys = Keys::new(&args.namespace);
     let timings = LeaseTimings { ttl: args.lease_ttl };
 
-    let options = EtcdOptions::new(args.etcd.clone());
-    let kv = tokio::select! {
-        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
-        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => kv,
-    };
-    let kv: Arc<dyn KvStore> = match kv {
-        Ok(kv) => Arc::new(kv),
-        Err(e) => {
-            error!(%e, "cannot connect to etcd");
-            return ExitCode::FAILURE;
-        }
+    let Some(kv) = sluice_worker::cluster_cli::connect_etcd(&args.etcd, &shutdown).await else {
+        return ExitCode::SUCCESS;
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -7,7 +7,7 @@ pub struct SubmitPipelineRequest {
     pub yaml: ::prost::alloc::string::String,
     /// The directory relative paths in the pipeline resolve against (normally the
     /// pipeline file's directory, as an absolute path on the coordinator's filesystem).
-    /// Empty: relative paths are rejected.
+    /// Empty: relative paths resolve against the coordinator's working directory.
     #[prost(string, tag = "2")]
     pub base_dir: ::prost::alloc::string::String,
     /// Replace a pipeline of the same name instead of failing with ALREADY_EXISTS.
