@@ -25,7 +25,7 @@ pub enum CoordinatorError {
     #[error("coordination store: {0}")]
     Queue(#[from] QueueError),
     #[error("flow `{flow}`: not committing: {message}")]
-    Fenced { flow: String, message: String },
+    Fenced { flow: String, message: String, retryable: bool },
 }
 
 impl CoordinatorError {
@@ -39,7 +39,7 @@ impl CoordinatorError {
             CoordinatorError::Delta { .. } | CoordinatorError::SourceListing { .. } => true,
             CoordinatorError::BatchFailed { retryable, .. } => *retryable,
             CoordinatorError::SourceMissing { .. } | CoordinatorError::Schema { .. } => false,
-            CoordinatorError::Fenced { .. } => false,
+            CoordinatorError::Fenced { retryable, .. } => *retryable,
         }
     }
 }

@@ -39,9 +39,20 @@ use crate::table_schema::{check_appendable, to_delta};
 /// coordinator's leadership). Embedded runs have none.
 #[async_trait::async_trait]
 pub trait CommitFence: Send + Sync {
-    /// `Err` with the reason when this process must not commit.
-    async fn check(&self) -> Result<(), String>;
+    /// `Err` with the reason when this process must not commit (now).
+    async fn check(&self) -> Result<(), FenceError>;
 }
+
+#[derive(Debug, Clone)]
+pub struct FenceError {
+    pub message: String,
+    /// True when the right to commit could not be confirmed (the store did not
+    /// answer), rather than being known to be lost.
+    pub retryable: bool,
+}
+
+/// How long a commit waits for the fence to confirm before the batch fails (and is retried).
+const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A task that failed with a retryable error is handed out this many times in all.
 pub const MAX_TASK_ATTEMPTS: u32 = 3;
@@ -379,7 +390,20 @@ impl FlowRunner {
             info: commit_info(&self.ctx.pipeline, &flow, plan, rows),
         };
         if let Some(fence) = &self.ctx.fence {
-            fence.check().await.map_err(|message| CoordinatorError::Fenced { flow: flow.clone(), message })?;
+            let deadline = Instant::now() + FENCE_PATIENCE;
+            loop {
+                match fence.check().await {
+                    Ok(()) => break,
+                    Err(error) if error.retryable && Instant::now() < deadline => {
+                        warn!(flow, batch = plan.batch, error = %error.message, "cannot confirm the right to commit yet; retrying");
+                        tokio::time::sleep(self.ctx.timings.poll_interval()).await;
+                    }
+                    Err(error) => {
+                        let FenceError { message, retryable } = error;
+                        return Err(CoordinatorError::Fenced { flow: flow.clone(), message, retryable });
+                    }
+                }
+            }
         }
         let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
             flow: flow.clone(),

@@ -20,7 +20,7 @@ use sluice_worker::worker_loop::keep_alive;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::flow_runner::CommitFence;
+use crate::flow_runner::{CommitFence, FenceError};
 
 /// This coordinator's term as leader. `lost` fires when it ends.
 pub struct Leadership {
@@ -132,17 +132,21 @@ impl Leadership {
 
 #[async_trait]
 impl CommitFence for Leadership {
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), FenceError> {
+        let lost = || FenceError { message: "this coordinator is no longer the leader".into(), retryable: false };
         if self.lost.is_cancelled() {
-            return Err("this coordinator is no longer the leader".into());
+            return Err(lost());
         }
         match self.kv.get(&self.key).await {
             Ok(Some(value)) if value == self.value => Ok(()),
             Ok(_) => {
                 self.lost.cancel();
-                Err("this coordinator is no longer the leader".into())
+                Err(lost())
             }
-            Err(error) => Err(format!("cannot confirm leadership before committing: {error}")),
+            Err(error) => Err(FenceError {
+                message: format!("cannot confirm leadership before committing: {error}"),
+                retryable: true,
+            }),
         }
     }
 }

@@ -105,7 +105,13 @@ impl Manager {
             }
             return;
         }
-        let stored = read_status(self.kv.as_ref(), &self.keys, &record.name).await.ok().flatten();
+        let stored = match read_status(self.kv.as_ref(), &self.keys, &record.name).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                warn!(pipeline = %record.name, %error, "cannot read the pipeline's status; trying again");
+                return;
+            }
+        };
         let current = stored.filter(|s| s.generation == record.generation);
         if record.desired == Desired::Stopped {
             if current.as_ref().is_none_or(|s| s.state != PipelineState::Stopped as i32) {
