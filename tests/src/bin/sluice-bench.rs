@@ -43,6 +43,11 @@ struct Args {
     /// Also run on a local cluster with 1 and with 2 worker processes.
     #[arg(long)]
     cluster: bool,
+    /// With --cluster: pin each worker process (and the embedded run) to a core
+    /// of its own with `taskset`, as if each ran on a one-core machine, so that
+    /// one worker cannot use the second worker's core.
+    #[arg(long)]
+    pin: bool,
 }
 
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -54,13 +59,26 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// `program`, run on core `core` (modulo the core count) with `taskset` when given.
+fn pinned(program: PathBuf, core: Option<usize>) -> Command {
+    match core {
+        Some(core) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut command = Command::new("taskset");
+            command.arg("-c").arg((core % cores).to_string()).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 fn sluice_binary() -> anyhow::Result<PathBuf> {
     binary("sluice")
 }
 
 /// Runs the pipeline in `dir` on a fresh local cluster with `workers` worker
 /// processes of `slots` slots; returns the seconds from submit to caught up.
-fn cluster_run(dir: &Path, workers: usize, slots: usize) -> anyhow::Result<f64> {
+fn cluster_run(dir: &Path, workers: usize, slots: usize, pin: bool) -> anyhow::Result<f64> {
     use sluice_tests::cluster::{Etcd, free_port};
     use std::process::{Child, Stdio};
     struct Killed(Vec<Child>);
@@ -83,13 +101,10 @@ fn cluster_run(dir: &Path, workers: usize, slots: usize) -> anyhow::Result<f64> 
             .stderr(log.try_clone()?)
             .spawn()?,
     );
-    for _ in 0..workers {
-        processes.0.push(
-            Command::new(binary("sluice-worker")?)
-                .args(["--etcd", &etcd.endpoint(), "--slots", &slots.to_string(), "--log", "warn"])
-                .stderr(log.try_clone()?)
-                .spawn()?,
-        );
+    for index in 0..workers {
+        let mut command = pinned(binary("sluice-worker")?, pin.then_some(index));
+        command.args(["--etcd", &etcd.endpoint(), "--slots", &slots.to_string(), "--log", "warn"]);
+        processes.0.push(command.stderr(log.try_clone()?).spawn()?);
     }
     // Wait until the coordinator answers and every worker has registered.
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
@@ -181,7 +196,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 let seconds = if workers == 0 {
                     let started = Instant::now();
-                    let output = Command::new(&sluice)
+                    let output = pinned(sluice.clone(), args.pin.then_some(0))
                         .args(["run", "pipeline.yaml", "--slots", &slots.to_string()])
                         .current_dir(&dir)
                         .output()?;
@@ -190,15 +205,18 @@ fn main() -> anyhow::Result<()> {
                     }
                     started.elapsed().as_secs_f64()
                 } else {
-                    cluster_run(&dir, workers, slots)?
+                    cluster_run(&dir, workers, slots, args.pin)?
                 };
                 best = best.min(seconds);
             }
             results.push(best);
             let what = if workers == 0 {
-                format!("embedded, {slots} slot(s)")
+                format!("embedded, {slots} slot(s){}", if args.pin { ", pinned to one core" } else { "" })
             } else {
-                format!("cluster, {workers} worker process(es) x {slots} slot(s)")
+                format!(
+                    "cluster, {workers} worker process(es) x {slots} slot(s){}",
+                    if args.pin { ", each pinned to a core of its own" } else { "" }
+                )
             };
             let overhead = if workers == 1 { format!(", overhead vs embedded {:+.0}%", (best / results[0] - 1.0) * 100.0) } else { String::new() };
             let speedup = if workers == 2 { format!(", {:.2}x one worker", results[1] / best) } else { String::new() };
