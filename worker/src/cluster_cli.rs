@@ -46,12 +46,14 @@ pub struct WorkerArgs {
     pub log: String,
 }
 
+/// One runtime thread per slot, as in the embedded runtime: a slot's reader and
+/// its encoder overlap on the threads of the other slots.
 pub fn main() -> ExitCode {
     let args = WorkerArgs::parse();
     init_tracing(&args.log);
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(slots.max(2))
+        .worker_threads(slots)
         .thread_name("sluice-worker")
         .enable_all()
         .build()
