@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use sluice_proto::pb::v1::sluice_client::SluiceClient;
 use sluice_proto::pb::v1::{
-    GetStatusRequest, ListPipelinesRequest, PipelineState, PipelineStatus, ResumePipelineRequest,
-    StopPipelineRequest, SubmitPipelineRequest, SubmitPipelineResponse, WatchProgressRequest,
+    GetStatusRequest, ListPipelinesRequest, PipelineState, PipelineStatus, ResumePipelineRequest, StopPipelineRequest,
+    SubmitPipelineRequest, SubmitPipelineResponse, WatchProgressRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -129,7 +129,12 @@ impl Remote {
         Err(last.unwrap_or(ClientError::Unreachable { urls: String::new(), reason: "no coordinator given".into() }))
     }
 
-    pub async fn submit(&self, yaml: String, base_dir: String, replace: bool) -> Result<SubmitPipelineResponse, ClientError> {
+    pub async fn submit(
+        &self,
+        yaml: String,
+        base_dir: String,
+        replace: bool,
+    ) -> Result<SubmitPipelineResponse, ClientError> {
         self.call(|mut c| {
             let request = SubmitPipelineRequest { yaml: yaml.clone(), base_dir: base_dir.clone(), replace };
             async move { c.submit_pipeline(request).await }

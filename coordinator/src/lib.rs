@@ -10,9 +10,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod checkpoint;
 #[cfg(feature = "cluster")]
 pub mod cluster;
-pub mod checkpoint;
 pub mod commit;
 pub mod discovery;
 pub mod error;

@@ -34,7 +34,9 @@ fn etcd_bin() -> PathBuf {
             return candidate;
         }
     }
-    panic!("etcd is not installed: the cluster tests need it (`apt-get install etcd-server`, or run tests/run.sh, which installs it)");
+    panic!(
+        "etcd is not installed: the cluster tests need it (`apt-get install etcd-server`, or run tests/run.sh, which installs it)"
+    );
 }
 
 /// An etcd server of our own. Killed on drop.
@@ -307,7 +309,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("pipeline {name} did not reach state {state} within {timeout:?}; last status: {last:#}\n{}", self.logs());
+        panic!(
+            "pipeline {name} did not reach state {state} within {timeout:?}; last status: {last:#}\n{}",
+            self.logs()
+        );
     }
 
     /// Every process's log, for failure messages.
@@ -355,10 +360,10 @@ pub fn wait_for_health(url: &str, expected: &str, timeout: Duration) {
 
 /// The services listed by gRPC server reflection at `url`.
 pub fn reflected_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     runtime.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(url.to_string())

@@ -224,7 +224,11 @@ fn the_cli_submits_lists_stops_and_resumes_and_explains_errors() {
     assert_eq!(output.code, Some(0), "{output:?}");
     assert!(output.stdout.contains("clitest") && output.stdout.contains("generation 3"), "{}", output.stdout);
     let output = cluster.cli(&sandbox, &["status", "clitest"]);
-    assert!(output.stdout.contains("flow invoices_bronze") && output.stdout.contains("workers: 1 (2 slots)"), "{}", output.stdout);
+    assert!(
+        output.stdout.contains("flow invoices_bronze") && output.stdout.contains("workers: 1 (2 slots)"),
+        "{}",
+        output.stdout
+    );
 
     // A coordinator that is not there: one line, no transport error stack.
     let nowhere = format!("http://127.0.0.1:{}", free_port());

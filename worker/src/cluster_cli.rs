@@ -22,7 +22,12 @@ use crate::worker_loop::{WorkerOptions, run_worker};
 #[command(name = "sluice-worker", version, about = "A Sluice worker: claims tasks through etcd and writes data files.")]
 pub struct WorkerArgs {
     /// etcd endpoints, comma-separated.
-    #[arg(long = "etcd", env = "SLUICE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long = "etcd",
+        env = "SLUICE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd: Vec<String>,
     /// Key prefix in etcd, so that several clusters can share one etcd.
     #[arg(long, env = "SLUICE_NAMESPACE", default_value = "default")]
@@ -128,8 +133,8 @@ pub fn default_worker_id() -> String {
 }
 
 pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -170,11 +175,8 @@ async fn report_health(
             .await
             .is_ok_and(|r| r.is_ok_and(|v| v.is_some()));
         if serving != Some(registered) {
-            let status = if registered {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
+            let status =
+                if registered { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
             reporter.set_service_status("", status).await;
             serving = Some(registered);
         }

@@ -25,10 +25,19 @@ use super::manager::Manager;
 use super::server::SluiceService;
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice-coordinator", version, about = "The Sluice coordinator: gRPC API, leader election, pipeline runs.")]
+#[command(
+    name = "sluice-coordinator",
+    version,
+    about = "The Sluice coordinator: gRPC API, leader election, pipeline runs."
+)]
 pub struct CoordinatorArgs {
     /// etcd endpoints, comma-separated.
-    #[arg(long = "etcd", env = "SLUICE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long = "etcd",
+        env = "SLUICE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd: Vec<String>,
     /// Address the gRPC API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:7070")]
@@ -54,14 +63,14 @@ pub struct CoordinatorArgs {
 pub fn main() -> ExitCode {
     let args = CoordinatorArgs::parse();
     sluice_worker::cluster_cli::init_tracing(&args.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().thread_name("sluice-coordinator").enable_all().build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().thread_name("sluice-coordinator").enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     runtime.block_on(run(args))
 }
 
@@ -104,9 +113,10 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
-                server_shutdown.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(
+                tokio_stream_listener(listener),
+                async move { server_shutdown.cancelled().await },
+            ),
     );
     tokio::spawn(probe_health(kv.clone(), keys.clone(), health, shutdown.clone()));
 

@@ -216,7 +216,8 @@ impl PipelineRun {
                 fence: Some(self.leadership.clone() as Arc<dyn crate::flow_runner::CommitFence>),
             };
             let before = committed(&status);
-            let reporter = tokio::spawn(report(self.leadership.clone(), self.keys.clone(), name.clone(), status, events));
+            let reporter =
+                tokio::spawn(report(self.leadership.clone(), self.keys.clone(), name.clone(), status, events));
             let result = run_pipeline(&self.spec, env, self.cancel.clone()).await;
             status = match reporter.await {
                 Ok(status) => status,

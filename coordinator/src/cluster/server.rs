@@ -15,8 +15,7 @@ use sluice_proto::kv::{KvError, KvStore};
 use sluice_proto::pb::v1::sluice_server::Sluice;
 use sluice_proto::pb::v1::{
     GetStatusRequest, ListPipelinesRequest, ListPipelinesResponse, PipelineState, PipelineStatus,
-    ResumePipelineRequest, StopPipelineRequest, SubmitPipelineRequest, SubmitPipelineResponse,
-    WatchProgressRequest,
+    ResumePipelineRequest, StopPipelineRequest, SubmitPipelineRequest, SubmitPipelineResponse, WatchProgressRequest,
 };
 use sluice_proto::registry::{Desired, PipelineRecord};
 use sluice_proto::spec::parse_pipeline;
@@ -95,7 +94,8 @@ impl SluiceService {
         }
         add_live_view(self.kv.as_ref(), &self.keys, &mut status).await?;
         if status.leader.is_empty() || !is_terminal(status.state) {
-            status.leader = current_leader(self.kv.as_ref(), &self.keys).await?.map(|l| l.describe()).unwrap_or_default();
+            status.leader =
+                current_leader(self.kv.as_ref(), &self.keys).await?.map(|l| l.describe()).unwrap_or_default();
         }
         Ok(status)
     }

@@ -53,9 +53,8 @@ pub fn is_terminal(state: i32) -> bool {
 /// Applies a run's progress event to its status. True when the change is worth
 /// publishing at once (a state change rather than a counter).
 pub fn apply(status: &mut PipelineStatus, event: &ProgressEvent) -> bool {
-    let flow = |status: &mut PipelineStatus, name: &str| -> Option<usize> {
-        status.flows.iter().position(|f| f.name == name)
-    };
+    let flow =
+        |status: &mut PipelineStatus, name: &str| -> Option<usize> { status.flows.iter().position(|f| f.name == name) };
     match event {
         ProgressEvent::Discovered { flow: name, files, bytes } => {
             if let Some(i) = flow(status, name) {

@@ -118,7 +118,8 @@ fn cluster_run(dir: &Path, workers: usize, slots: usize, pin: bool) -> anyhow::R
                 .stderr(Stdio::null())
                 .status();
             let _ = probe;
-            let status = Command::new(sluice_binary()?).args(["--coordinator", &url, "status", "probe", "--json"]).output()?;
+            let status =
+                Command::new(sluice_binary()?).args(["--coordinator", &url, "status", "probe", "--json"]).output()?;
             let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
             if status["workers"].as_array().is_some_and(|w| w.len() == workers) {
                 break;
@@ -218,7 +219,11 @@ fn main() -> anyhow::Result<()> {
                     if args.pin { ", each pinned to a core of its own" } else { "" }
                 )
             };
-            let overhead = if workers == 1 { format!(", overhead vs embedded {:+.0}%", (best / results[0] - 1.0) * 100.0) } else { String::new() };
+            let overhead = if workers == 1 {
+                format!(", overhead vs embedded {:+.0}%", (best / results[0] - 1.0) * 100.0)
+            } else {
+                String::new()
+            };
             let speedup = if workers == 2 { format!(", {:.2}x one worker", results[1] / best) } else { String::new() };
             println!("{what}: {best:.2}s, {:.1} MB/s{overhead}{speedup}", bytes as f64 / 1e6 / best);
         }
