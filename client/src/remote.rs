@@ -77,19 +77,12 @@ impl Remote {
     }
 
     /// Connects to the first coordinator that answers.
-    async fn client(&self) -> Result<(SluiceClient<Channel>, String), ClientError> {
+    async fn client(&self) -> Result<SluiceClient<Channel>, ClientError> {
         let mut reasons = Vec::new();
         for url in &self.urls {
-            let endpoint = match Endpoint::from_shared(url.clone()) {
-                Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(30)),
-                Err(e) => {
-                    reasons.push(format!("{url}: invalid address ({e})"));
-                    continue;
-                }
-            };
-            match endpoint.connect().await {
-                Ok(channel) => return Ok((SluiceClient::new(channel), url.clone())),
-                Err(e) => reasons.push(short_reason(&error_chain(&e))),
+            match connect(url).await {
+                Ok(client) => return Ok(client),
+                Err(reason) => reasons.push(reason),
             }
         }
         let reason = if reasons.iter().all(|r| *r == reasons[0]) { reasons[0].clone() } else { reasons.join("; ") };
@@ -105,11 +98,10 @@ impl Remote {
     {
         let mut last = None;
         for url in &self.urls {
-            let single = Remote { urls: vec![url.clone()] };
-            let client = match single.client().await {
-                Ok((client, _)) => client,
-                Err(error) => {
-                    last = Some(error);
+            let client = match connect(url).await {
+                Ok(client) => client,
+                Err(reason) => {
+                    last = Some(ClientError::Unreachable { urls: url.clone(), reason });
                     continue;
                 }
             };
@@ -183,7 +175,7 @@ impl Remote {
         let mut unreachable_since: Option<std::time::Instant> = None;
         loop {
             let attempt = async {
-                let (mut client, _) = self.client().await?;
+                let mut client = self.client().await?;
                 let mut stream = client
                     .watch_progress(WatchProgressRequest { name: name.to_string() })
                     .await
@@ -218,6 +210,16 @@ impl Remote {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Connects to one coordinator; the error is the reason, ready for [`ClientError::Unreachable`].
+async fn connect(url: &str) -> Result<SluiceClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("{url}: invalid address ({e})"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    let channel = endpoint.connect().await.map_err(|e| short_reason(&error_chain(&e)))?;
+    Ok(SluiceClient::new(channel))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -57,22 +57,17 @@ impl EtcdKv {
         Ok(Self { client })
     }
 
-    /// Connects, retrying with backoff until etcd answers or `attempts` run out.
-    pub async fn connect_with_retry(options: &EtcdOptions, attempts: u32) -> Result<Self, KvError> {
+    /// Connects, retrying with backoff (up to 5 s apart) until etcd answers.
+    pub async fn connect_with_retry(options: &EtcdOptions) -> Self {
         let mut delay = Duration::from_millis(200);
-        let mut last = None;
-        for _ in 0..attempts.max(1) {
+        loop {
             match Self::connect(options).await {
-                Ok(kv) => return Ok(kv),
-                Err(error) => {
-                    tracing::warn!(%error, "etcd is not reachable yet; retrying");
-                    last = Some(error);
-                }
+                Ok(kv) => return kv,
+                Err(error) => tracing::warn!(%error, "etcd is not reachable yet; retrying"),
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        Err(last.unwrap_or_else(|| KvError::Unavailable("etcd: no endpoint".into())))
     }
 
     fn client(&self) -> Client {

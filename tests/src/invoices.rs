@@ -142,3 +142,25 @@ pub fn write_invoice_file(path: &Path, seed: u64, first: u64, count: u64) -> std
     out.flush()?;
     Ok(written)
 }
+
+/// A pipeline file ingesting the invoice files of `./landing` (declared schema)
+/// into `./lake/bronze/invoices`, with its checkpoint in `./lake/_checkpoints/<name>`.
+pub fn invoice_pipeline(name: &str, trigger: &str, max_files_per_batch: u32) -> String {
+    format!(
+        r#"
+pipeline: {name}
+checkpoint: ./lake/_checkpoints/{name}
+trigger: {trigger}
+flows:
+  - name: invoices_bronze
+    source:
+      files:
+        path: ./landing
+        format: json
+        schema: "{INVOICE_SCHEMA}"
+        max_files_per_batch: {max_files_per_batch}
+    sink:
+      table: ./lake/bronze/invoices
+"#
+    )
+}

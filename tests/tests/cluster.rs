@@ -9,29 +9,9 @@ use std::time::Duration;
 
 use sluice_tests::cluster::{Cluster, Etcd, free_port, reflected_services, wait_for_health};
 use sluice_tests::harness::{Sandbox, query_i64, txn_versions};
-use sluice_tests::invoices::{INVOICE_SCHEMA, write_invoice_file};
+use sluice_tests::invoices::{invoice_pipeline as pipeline, write_invoice_file};
 
 const LONG: Duration = Duration::from_secs(180);
-
-fn pipeline(name: &str, trigger: &str, files_per_batch: u32) -> String {
-    format!(
-        r#"
-pipeline: {name}
-checkpoint: ./lake/_checkpoints/{name}
-trigger: {trigger}
-flows:
-  - name: invoices_bronze
-    source:
-      files:
-        path: ./landing
-        format: json
-        schema: "{INVOICE_SCHEMA}"
-        max_files_per_batch: {files_per_batch}
-    sink:
-      table: ./lake/bronze/invoices
-"#
-    )
-}
 
 /// `files` files of 50 invoices each, numbered from 0.
 fn sandbox_with_files(name: &str, files: u64, files_per_batch: u32) -> Sandbox {

@@ -7,28 +7,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_i64, table_version, txn_versions};
-use sluice_tests::invoices::{INVOICE_SCHEMA, write_invoice_file};
+use sluice_tests::invoices::{invoice_pipeline, write_invoice_file};
 
 const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn pipeline(trigger: &str) -> String {
-    format!(
-        r#"
-pipeline: retail
-checkpoint: ./lake/_checkpoints/retail
-trigger: {trigger}
-flows:
-  - name: invoices_bronze
-    source:
-      files:
-        path: ./landing
-        format: json
-        schema: "{INVOICE_SCHEMA}"
-        max_files_per_batch: 2
-    sink:
-      table: ./lake/bronze/invoices
-"#
-    )
+    invoice_pipeline("retail", trigger, 2)
 }
 
 /// Four files of 30 invoices: two batches of two files.

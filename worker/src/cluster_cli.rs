@@ -14,13 +14,13 @@ use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::timing::LeaseTimings;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::worker_loop::{WorkerOptions, run_worker};
 
-#[derive(Debug, Parser)]
-#[command(name = "sluice-worker", version, about = "A Sluice worker: claims tasks through etcd and writes data files.")]
-pub struct WorkerArgs {
+/// The flags every cluster process shares (`sluice-coordinator` has them too).
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
     /// etcd endpoints, comma-separated.
     #[arg(
         long = "etcd",
@@ -32,12 +32,34 @@ pub struct WorkerArgs {
     /// Key prefix in etcd, so that several clusters can share one etcd.
     #[arg(long, env = "SLUICE_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// How long this process's lease (a worker's registration and claims, a
+    /// coordinator's leadership) outlives its last keep-alive; keep-alives go
+    /// every third of it, and a dead process's part is taken over within it.
+    #[arg(long, env = "SLUICE_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub lease_ttl: Duration,
+    /// Log filter (tracing syntax).
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl ClusterArgs {
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.namespace)
+    }
+
+    pub fn timings(&self) -> LeaseTimings {
+        LeaseTimings { ttl: self.lease_ttl }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice-worker", version, about = "A Sluice worker: claims tasks through etcd and writes data files.")]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Concurrent tasks; the number of cores by default.
     #[arg(long, env = "SLUICE_SLOTS")]
     pub slots: Option<usize>,
-    /// How long the worker's lease outlives its last keep-alive (keep-alives go every third of it).
-    #[arg(long, env = "SLUICE_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub lease_ttl: Duration,
     /// This worker's id; host name, process id and a random suffix by default.
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub id: Option<String>,
@@ -46,16 +68,13 @@ pub struct WorkerArgs {
     /// otherwise (etcd unreachable, lease lost and not yet registered again).
     #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
-    /// Log filter (tracing syntax).
-    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
-    pub log: String,
 }
 
 /// One runtime thread per slot, as in the embedded runtime: a slot's reader and
 /// its encoder overlap on the threads of the other slots.
 pub fn main() -> ExitCode {
     let args = WorkerArgs::parse();
-    init_tracing(&args.log);
+    init_tracing(&args.cluster.log);
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(slots)
@@ -76,10 +95,10 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     let id = args.id.clone().unwrap_or_else(default_worker_id);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let Some(kv) = connect_etcd(&args.etcd, &shutdown).await else { return ExitCode::SUCCESS };
-    info!(worker = %id, slots, etcd = %args.etcd.join(","), namespace = %args.namespace, "sluice-worker starting");
-    let timings = LeaseTimings { ttl: args.lease_ttl };
-    let keys = Keys::new(&args.namespace);
+    let cluster = &args.cluster;
+    let Some(kv) = connect_etcd(&cluster.etcd, &shutdown).await else { return ExitCode::SUCCESS };
+    info!(worker = %id, slots, etcd = %cluster.etcd.join(","), namespace = %cluster.namespace, "sluice-worker starting");
+    let (timings, keys) = (cluster.timings(), cluster.keys());
     if let Some(address) = args.health_listen {
         let listener = match tokio::net::TcpListener::bind(address).await {
             Ok(listener) => listener,
@@ -105,19 +124,12 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Connects to etcd, retrying with backoff until it answers; `None` on shutdown first.
+/// Connects to etcd, retrying with backoff until it answers; `None` if shut down first.
 pub async fn connect_etcd(endpoints: &[String], shutdown: &CancellationToken) -> Option<Arc<dyn KvStore>> {
     let options = EtcdOptions::new(endpoints.to_vec());
     tokio::select! {
         _ = shutdown.cancelled() => None,
-        kv = EtcdKv::connect_with_retry(&options, u32::MAX) => match kv {
-            Ok(kv) => Some(Arc::new(kv)),
-            Err(error) => {
-                // Only reachable with a finite number of attempts.
-                error!(%error, "cannot connect to etcd");
-                None
-            }
-        },
+        kv = EtcdKv::connect_with_retry(&options) => Some(Arc::new(kv)),
     }
 }
 

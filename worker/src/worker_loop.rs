@@ -71,9 +71,7 @@ async fn register(kv: &dyn KvStore, keys: &Keys, options: &WorkerOptions) -> Res
         // Our previous registration, whose lease has not expired yet: it goes with that lease.
         warn!(worker = %options.id, "an earlier registration of this worker is still there; waiting for it to expire");
         let _ = kv.revoke_lease(lease).await;
-        return Err(WorkerError::Queue(sluice_proto::queue::QueueError::Kv(KvError::Unavailable(
-            "worker id still registered".into(),
-        ))));
+        return Err(queue_error(KvError::Unavailable("worker id still registered".into())));
     }
     Ok(lease)
 }

@@ -16,7 +16,7 @@ use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::pb::v1::FILE_DESCRIPTOR_SET;
 use sluice_proto::pb::v1::sluice_server::SluiceServer;
-use sluice_proto::timing::LeaseTimings;
+use sluice_worker::cluster_cli::ClusterArgs;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -31,14 +31,8 @@ use super::server::SluiceService;
     about = "The Sluice coordinator: gRPC API, leader election, pipeline runs."
 )]
 pub struct CoordinatorArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long = "etcd",
-        env = "SLUICE_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Address the gRPC API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:7070")]
     pub listen: SocketAddr,
@@ -46,23 +40,14 @@ pub struct CoordinatorArgs {
     /// `http://<listen>` by default.
     #[arg(long, env = "SLUICE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Key prefix in etcd, so that several clusters can share one etcd.
-    #[arg(long, env = "SLUICE_NAMESPACE", default_value = "default")]
-    pub namespace: String,
-    /// How long leadership outlives the leader's last keep-alive: a standby takes over within it.
-    #[arg(long, env = "SLUICE_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub lease_ttl: Duration,
     /// This coordinator's id; host name and process id by default.
     #[arg(long, env = "SLUICE_COORDINATOR_ID")]
     pub id: Option<String>,
-    /// Log filter (tracing syntax).
-    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
-    pub log: String,
 }
 
 pub fn main() -> ExitCode {
     let args = CoordinatorArgs::parse();
-    sluice_worker::cluster_cli::init_tracing(&args.log);
+    sluice_worker::cluster_cli::init_tracing(&args.cluster.log);
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().thread_name("sluice-coordinator").enable_all().build() {
             Ok(runtime) => runtime,
@@ -79,10 +64,9 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
     sluice_worker::cluster_cli::spawn_signal_handler(shutdown.clone());
     let id = args.id.clone().unwrap_or_else(sluice_worker::cluster_cli::default_worker_id);
     let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
-    let keys = Keys::new(&args.namespace);
-    let timings = LeaseTimings { ttl: args.lease_ttl };
+    let (keys, timings) = (args.cluster.keys(), args.cluster.timings());
 
-    let Some(kv) = sluice_worker::cluster_cli::connect_etcd(&args.etcd, &shutdown).await else {
+    let Some(kv) = sluice_worker::cluster_cli::connect_etcd(&args.cluster.etcd, &shutdown).await else {
         return ExitCode::SUCCESS;
     };
 
@@ -105,7 +89,7 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(%id, listen = %args.listen, advertise, etcd = %args.etcd.join(","), namespace = %args.namespace, "sluice-coordinator starting");
+    info!(%id, listen = %args.listen, advertise, etcd = %args.cluster.etcd.join(","), namespace = %args.cluster.namespace, "sluice-coordinator starting");
     let service = SluiceServer::new(SluiceService::new(kv.clone(), keys.clone()));
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(

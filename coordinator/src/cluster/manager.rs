@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::leader::Leadership;
-use super::status::{self, apply, is_terminal, live_workers, now_ms, pending_status, read_status};
+use super::status::{self, apply, is_terminal, now_ms, pending_status, read_status, workers_in};
 use crate::pipeline_runner::{RunEnvironment, run_pipeline};
 use crate::progress::{ProgressEvent, ProgressSink};
 
@@ -174,18 +174,15 @@ async fn publish(leadership: &Leadership, keys: &Keys, name: &str, status: &mut 
 
 /// Keeps `parallelism` at the number of live worker slots.
 async fn track_workers(kv: Arc<dyn KvStore>, keys: Keys, parallelism: Arc<AtomicUsize>) {
+    let prefix = keys.workers_prefix();
     loop {
-        let revision = match live_workers(kv.as_ref(), &keys).await {
-            Ok(workers) => {
-                let slots: usize = workers.iter().map(|w| w.slots as usize).sum();
+        match kv.list(&prefix).await {
+            Ok(listing) => {
+                let slots: usize = workers_in(&listing).iter().map(|w| w.slots as usize).sum();
                 parallelism.store(slots.max(1), Ordering::Relaxed);
-                kv.list(&keys.workers_prefix()).await.map_or(0, |l| l.revision)
+                let _ = kv.wait_for_change(&prefix, listing.revision, Duration::from_secs(2)).await;
             }
-            Err(_) => 0,
-        };
-        let _ = kv.wait_for_change(&keys.workers_prefix(), revision, Duration::from_secs(2)).await;
-        if revision == 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }

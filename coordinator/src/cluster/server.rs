@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::{KvError, KvStore};
 use sluice_proto::pb::v1::sluice_server::Sluice;
@@ -59,6 +59,7 @@ impl From<ApiError> for Status {
     }
 }
 
+#[derive(Clone)]
 pub struct SluiceService {
     kv: Arc<dyn KvStore>,
     keys: Keys,
@@ -103,6 +104,32 @@ impl SluiceService {
     async fn status_of(&self, name: &str) -> Result<PipelineStatus, ApiError> {
         let (record, _) = self.record(name).await?;
         self.view(&record).await
+    }
+
+    /// Waits until the status of `name` differs from `last` (but for its time
+    /// stamp), and returns it. Rides out an unreachable store.
+    async fn next_change(&self, name: &str, last: &PipelineStatus) -> Result<PipelineStatus, ApiError> {
+        loop {
+            // The store's revision before reading, so no change after the read is missed.
+            // Any small listing carries it; the status key's is the smallest at hand.
+            let revision = match self.kv.list(&self.keys.status(name)).await {
+                Ok(listing) => listing.revision,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            match self.status_of(name).await {
+                Ok(status) if same_progress(&status, last) => {}
+                Ok(status) => return Ok(status),
+                Err(ApiError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            }
+            let _ = self.kv.wait_for_change(&self.keys.root_prefix(), revision, Duration::from_secs(2)).await;
+        }
     }
 
     /// Rewrites a record with `change`, guarded on it being unchanged meanwhile.
@@ -211,25 +238,14 @@ impl Sluice for SluiceService {
     ) -> Result<Response<Self::WatchProgressStream>, Status> {
         let name = request.into_inner().name;
         let first = self.status_of(&name).await?;
-        let (kv, keys) = (self.kv.clone(), self.keys.clone());
-        let service = SluiceService::new(kv.clone(), keys.clone());
-        let stream = async_stream(first, move |last: PipelineStatus| {
-            let (kv, keys, name) = (kv.clone(), keys.clone(), name.clone());
-            let service = SluiceService { kv: service.kv.clone(), keys: service.keys.clone() };
-            async move {
-                loop {
-                    let revision = kv.list(&keys.root_prefix()).await.map(|l| l.revision).unwrap_or(0);
-                    let _ = kv.wait_for_change(&keys.root_prefix(), revision, Duration::from_secs(2)).await;
-                    match service.status_of(&name).await {
-                        Ok(status) if same_progress(&status, &last) => continue,
-                        Ok(status) => return Some(Ok(status)),
-                        Err(ApiError::Unavailable(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
-                        Err(error) => return Some(Err(Status::from(error))),
-                    }
-                }
+        let updates = futures::stream::unfold(Some((self.clone(), name, first.clone())), |state| async move {
+            let (service, name, last) = state?;
+            match service.next_change(&name, &last).await {
+                Ok(status) => Some((Ok(status.clone()), Some((service, name, status)))),
+                Err(error) => Some((Err(Status::from(error)), None)),
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(first) }).chain(updates))))
     }
 }
 
@@ -238,25 +254,4 @@ fn same_progress(a: &PipelineStatus, b: &PipelineStatus) -> bool {
     let mut a = a.clone();
     a.updated_at_ms = b.updated_at_ms;
     a == *b
-}
-
-/// A stream that yields `first`, then whatever `next(previous)` yields, until it yields `None`.
-fn async_stream<F, Fut>(first: PipelineStatus, next: F) -> impl Stream<Item = Result<PipelineStatus, Status>> + Send
-where
-    F: Fn(PipelineStatus) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Option<Result<PipelineStatus, Status>>> + Send,
-{
-    futures::stream::unfold((Some(first.clone()), first, next, false), |(pending, last, next, ended)| async move {
-        if ended {
-            return None;
-        }
-        if let Some(first) = pending {
-            return Some((Ok(first), (None, last, next, false)));
-        }
-        match next(last.clone()).await {
-            Some(Ok(status)) => Some((Ok(status.clone()), (None, status, next, false))),
-            Some(Err(error)) => Some((Err(error), (None, last, next, true))),
-            None => None,
-        }
-    })
 }

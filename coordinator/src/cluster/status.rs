@@ -2,7 +2,7 @@
 
 use prost::Message;
 use sluice_proto::keys::Keys;
-use sluice_proto::kv::{KvError, KvStore};
+use sluice_proto::kv::{KvError, KvStore, Listing};
 use sluice_proto::pb::v1::{FlowStatus, PipelineState, PipelineStatus, TaskStatus, WorkerInfo};
 use sluice_proto::registry::PipelineRecord;
 use sluice_proto::spec::{PipelineSpec, Trigger};
@@ -164,11 +164,15 @@ pub async fn add_live_view(kv: &dyn KvStore, keys: &Keys, status: &mut PipelineS
 }
 
 pub async fn live_workers(kv: &dyn KvStore, keys: &Keys) -> Result<Vec<WorkerInfo>, KvError> {
-    let listing = kv.list(&keys.workers_prefix()).await?;
-    Ok(listing
+    Ok(workers_in(&kv.list(&keys.workers_prefix()).await?))
+}
+
+/// The workers registered in a listing of `workers/`.
+pub fn workers_in(listing: &Listing) -> Vec<WorkerInfo> {
+    listing
         .entries
         .iter()
         .filter_map(|(_, v)| serde_json::from_slice::<WorkerRegistration>(v).ok())
         .map(|w| WorkerInfo { id: w.id, slots: w.slots })
-        .collect())
+        .collect()
 }

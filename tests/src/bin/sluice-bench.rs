@@ -106,18 +106,21 @@ fn cluster_run(dir: &Path, workers: usize, slots: usize, pin: bool) -> anyhow::R
         command.args(["--etcd", &etcd.endpoint(), "--slots", &slots.to_string(), "--log", "warn"]);
         processes.0.push(command.stderr(log.try_clone()?).spawn()?);
     }
-    // Wait until the coordinator answers and every worker has registered.
+    // Wait until the coordinator takes the probe pipeline (it answers) and its
+    // status lists every worker (they have registered).
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut probe_submitted = false;
     loop {
-        let output = Command::new(sluice_binary()?).args(["--coordinator", &url, "list", "--json"]).output()?;
-        if output.status.success() {
-            let probe = Command::new(sluice_binary()?)
+        if !probe_submitted {
+            probe_submitted = Command::new(sluice_binary()?)
                 .args(["--coordinator", &url, "submit", "probe.yaml"])
                 .current_dir(dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
-            let _ = probe;
+                .status()?
+                .success();
+        }
+        if probe_submitted {
             let status =
                 Command::new(sluice_binary()?).args(["--coordinator", &url, "status", "probe", "--json"]).output()?;
             let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
