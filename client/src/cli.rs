@@ -15,7 +15,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_coordinator::pipeline_runner::RunFailure;
 use sluice_coordinator::progress::{ProgressSink, RunSummary};
-use sluice_proto::spec::{PipelineSpec, SchemaSpec, Trigger, parse_pipeline};
+use sluice_proto::spec::{PipelineSpec, SchemaSpec, SourceSpec, Trigger, parse_pipeline};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -389,7 +389,33 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
     println!("pipeline {}: {} flow(s), checkpoint {}", spec.name, spec.flows.len(), spec.checkpoint);
     let mut valid = true;
     for flow in &spec.flows {
-        let source = flow.files_source();
+        let source = match &flow.source {
+            SourceSpec::Files(files) => files,
+            SourceSpec::DeltaChanges(changes) => {
+                println!(
+                    "  {}: change data feed of {} -> {} ({:?}; txn app id {})",
+                    flow.name,
+                    changes.table.url,
+                    flow.sink.table,
+                    flow.sink.mode,
+                    flow.app_id(&spec.name)
+                );
+                println!("    the transform is checked against the source table's schema when the flow runs");
+                continue;
+            }
+            SourceSpec::Delta(snapshot) => {
+                println!(
+                    "  {}: snapshot of {} -> {} ({:?}; txn app id {})",
+                    flow.name,
+                    snapshot.table.url,
+                    flow.sink.table,
+                    flow.sink.mode,
+                    flow.app_id(&spec.name)
+                );
+                println!("    the transform is checked against the source table's schema when the flow runs");
+                continue;
+            }
+        };
         println!(
             "  {}: {:?} files in {} -> {} (txn app id {})",
             flow.name,

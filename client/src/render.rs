@@ -64,7 +64,12 @@ fn plural(count: u64, noun: &str) -> String {
 /// The plain-text line for an event, if it gets one.
 pub fn line_for(event: &ProgressEvent) -> Option<String> {
     Some(match event {
-        ProgressEvent::BatchStarted { flow, batch, files, bytes, tasks, resumed } => {
+        ProgressEvent::BatchStarted { flow, batch, tasks, source_versions: Some((first, last)), .. } => {
+            let versions =
+                if first == last { format!("version {first}") } else { format!("versions {first} to {last}") };
+            format!("{flow}: starting batch {batch}: source {versions} in {}", plural(*tasks as u64, "task"))
+        }
+        ProgressEvent::BatchStarted { flow, batch, files, bytes, tasks, resumed, source_versions: None } => {
             let how = if *resumed { "resuming" } else { "starting" };
             format!(
                 "{flow}: {how} batch {batch}: {}, {} in {}",
@@ -88,6 +93,9 @@ pub fn line_for(event: &ProgressEvent) -> Option<String> {
         }
         ProgressEvent::FlowCaughtUp { flow } => format!("{flow}: caught up"),
         ProgressEvent::RoundFailed { flow, message } => format!("{flow}: error, trying again next round: {message}"),
+        ProgressEvent::FlowSkipped { flow, upstream } => {
+            format!("{flow}: not run, because `{upstream}`, which it reads from, failed")
+        }
         ProgressEvent::Waiting { seconds } => format!("waiting {seconds:.1}s for the next round"),
     })
 }
@@ -97,6 +105,15 @@ fn committed_line(report: &BatchReport) -> String {
         Some(version) => format!("Delta version {version}"),
         None => "already in the table".to_string(),
     };
+    if let Some((first, last)) = report.source_versions {
+        return format!(
+            "{}: batch {} committed: source versions {first} to {last}, {} written in {:.2}s -> {version}",
+            report.flow,
+            report.batch,
+            plural(report.rows, "row"),
+            report.seconds
+        );
+    }
     format!(
         "{}: batch {} committed: {}, {}, {} in {:.2}s -> {version}",
         report.flow,

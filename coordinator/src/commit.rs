@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::kernel::{Action, Add, Remove, StructType, Transaction};
 use deltalake::operations::create::CreateBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -33,12 +33,31 @@ pub struct BatchCommit {
     pub app_id: String,
     pub batch: u64,
     pub adds: Vec<Add>,
+    /// Files the batch replaces (a merge's rewritten files).
+    pub removes: Vec<Remove>,
+    pub kind: CommitKind,
+    /// The batch was computed from this table version (`None`: from no table):
+    /// it may be committed only directly on it.
+    pub computed_on: Option<Option<u64>>,
+    /// The batch follows this one (`None`: the flow's first); a table whose
+    /// txn shows another is not committed to.
+    pub follows: Option<Option<u64>>,
     /// The table's schema, used when this commit creates the table.
     pub schema: StructType,
     pub partition_by: Vec<String>,
     pub properties: BTreeMap<String, String>,
     /// Goes into the commit's `commitInfo`.
     pub info: BTreeMap<String, serde_json::Value>,
+}
+
+/// How a batch changes the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    Append,
+    /// Adds and removes from a merge by key.
+    Merge,
+    /// Replaces every file of the table.
+    Overwrite,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +96,9 @@ pub async fn commit_batch(request: &BatchCommit) -> Result<CommitOutcome, DeltaT
         }
         let result = match load_table(&request.table_url).await {
             Ok(Some(table)) => append(&table, request).await,
+            Ok(None) if matches!(request.computed_on, Some(Some(_))) => Err(DeltaTableError::Generic(
+                "the table the batch was computed from is gone; the batch must be computed again".to_string(),
+            )),
             Ok(None) => match ensure_local_dir(&request.table_url) {
                 Ok(()) => create_with_batch(request).await,
                 Err(e) => Err(DeltaTableError::Generic(e.to_string())),
@@ -85,6 +107,9 @@ pub async fn commit_batch(request: &BatchCommit) -> Result<CommitOutcome, DeltaT
         };
         match result {
             Ok(outcome) => return Ok(outcome),
+            Err(DeltaTableError::Generic(message)) if message.starts_with(MOVED) => {
+                return Err(DeltaTableError::Generic(message));
+            }
             Err(error) => {
                 warn!(batch = request.batch, attempt, %error, "commit attempt failed; checking the table again");
                 last_error = Some(error);
@@ -102,18 +127,51 @@ fn properties(request: &BatchCommit) -> CommitProperties {
         .with_max_retries(0)
 }
 
+/// How an error that ends the commit loop starts: the batch must be computed again.
+const MOVED: &str = "the table moved on";
+
 async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutcome, DeltaTableError> {
-    if committed_batch(table, &request.app_id).await?.is_some_and(|b| b >= request.batch) {
+    let committed = committed_batch(table, &request.app_id).await?;
+    if committed.is_some_and(|b| b >= request.batch) {
         info!(batch = request.batch, "batch is already in the table; not committing it again");
         return Ok(CommitOutcome::AlreadyCommitted);
     }
+    if let Some(follows) = request.follows
+        && committed != follows
+    {
+        return Err(DeltaTableError::Generic(format!(
+            "{MOVED}: the batch follows batch {follows:?} of this flow, the table holds {committed:?}; it will be planned again"
+        )));
+    }
+    let version = table.version();
+    if let Some(base) = request.computed_on
+        && version != base
+    {
+        return Err(DeltaTableError::Generic(format!(
+            "{MOVED}: the batch was computed on version {base:?}, the table is at {version:?} (another writer?); it will be computed again"
+        )));
+    }
     let snapshot = table.snapshot()?;
-    let operation = DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: (!request.partition_by.is_empty()).then(|| request.partition_by.clone()),
-        predicate: None,
+    let partition_by = (!request.partition_by.is_empty()).then(|| request.partition_by.clone());
+    let mut actions: Vec<Action> = Vec::new();
+    let operation = match request.kind {
+        CommitKind::Append => DeltaOperation::Write { mode: SaveMode::Append, partition_by, predicate: None },
+        CommitKind::Overwrite => {
+            let files: Vec<_> =
+                futures::TryStreamExt::try_collect(snapshot.snapshot().file_views(&table.log_store(), None)).await?;
+            actions.extend(files.iter().map(|f| Action::Remove(f.remove_action(true))));
+            DeltaOperation::Write { mode: SaveMode::Overwrite, partition_by, predicate: None }
+        }
+        CommitKind::Merge => DeltaOperation::Merge {
+            predicate: None,
+            merge_predicate: None,
+            matched_predicates: Vec::new(),
+            not_matched_predicates: Vec::new(),
+            not_matched_by_source_predicates: Vec::new(),
+        },
     };
-    let actions = request.adds.iter().cloned().map(Action::Add).collect();
+    actions.extend(request.removes.iter().cloned().map(Action::Remove));
+    actions.extend(request.adds.iter().cloned().map(Action::Add));
     let finalized = CommitBuilder::from(properties(request))
         .with_actions(actions)
         .build(Some(snapshot), table.log_store(), operation)

@@ -10,6 +10,10 @@ pub enum CoordinatorError {
     SourceMissing { flow: String, path: String },
     #[error("flow `{flow}`: cannot list the source {path}: {message}")]
     SourceListing { flow: String, path: String, message: String },
+    #[error("flow `{flow}`: source table {table}: {message}")]
+    Source { flow: String, table: String, message: String },
+    #[error("{error}; the flows that read from it did not run: {}", skipped.join(", "))]
+    DependentsSkipped { error: Box<CoordinatorError>, skipped: Vec<String> },
     #[error("checkpoint {location}: {message}")]
     Checkpoint { location: String, message: String },
     #[error("flow `{flow}`: {message}")]
@@ -39,6 +43,8 @@ impl CoordinatorError {
             CoordinatorError::Delta { .. } | CoordinatorError::SourceListing { .. } => true,
             CoordinatorError::BatchFailed { retryable, .. } => *retryable,
             CoordinatorError::SourceMissing { .. } | CoordinatorError::Schema { .. } => false,
+            CoordinatorError::Source { .. } => false,
+            CoordinatorError::DependentsSkipped { error, .. } => error.is_retryable(),
             CoordinatorError::Fenced { retryable, .. } => *retryable,
         }
     }

@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arrow::datatypes::{Schema, SchemaRef};
-use deltalake::kernel::Add;
+use deltalake::DeltaTable;
+use deltalake::kernel::{Add, Remove, StructType};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
-use sluice_proto::spec::{FlowSpec, SchemaSpec};
-use sluice_proto::task::{SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
+use sluice_proto::spec::{FilesSource, FlowSpec, SchemaSpec, SinkMode};
+use sluice_proto::task::{MergeTask, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::failpoint;
 use sluice_worker::formats::{InferLimits, infer_schema};
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::checkpoint::{BatchPlan, Checkpoint, CommitRecord, SchemaRecord};
-use crate::commit::{BatchCommit, CommitOutcome, commit_batch, committed_batch, load_table};
+use crate::commit::{BatchCommit, CommitKind, CommitOutcome, commit_batch, committed_batch, load_table};
 use crate::discovery::{Ledger, list_source};
 use crate::error::CoordinatorError;
 use crate::planner::{next_batch, split_into_tasks};
@@ -85,13 +86,15 @@ struct FlowState {
 
 pub struct FlowRunner {
     ctx: FlowContext,
+    source: FilesSource,
     state: Option<FlowState>,
     warned_rewrites: HashSet<SourceFile>,
 }
 
 impl FlowRunner {
-    pub fn new(ctx: FlowContext) -> Self {
-        Self { ctx, state: None, warned_rewrites: HashSet::new() }
+    /// A runner for a flow with a `files:` source.
+    pub fn new(ctx: FlowContext, source: FilesSource) -> Self {
+        Self { ctx, source, state: None, warned_rewrites: HashSet::new() }
     }
 
     fn flow(&self) -> &str {
@@ -113,7 +116,7 @@ impl FlowRunner {
             Some(state) => state,
             None => self.load_state().await?,
         };
-        let source = self.ctx.flow.files_source().clone();
+        let source = self.source.clone();
         let listed = list_source(self.flow(), &source).await?;
         if let Some(plan) = state.pending.take() {
             if let Some(plan) = self.refresh_pending_plan(plan, &listed).await? {
@@ -270,7 +273,7 @@ impl FlowRunner {
 
     /// The schema files are decoded into: declared, or inferred once from the first batch.
     async fn source_schema(&self, state: &mut FlowState, plan: &BatchPlan) -> Result<SchemaRef, CoordinatorError> {
-        let source = self.ctx.flow.files_source();
+        let source = &self.source;
         if let SchemaSpec::Declared(schema) = &source.schema {
             return Ok(schema.clone());
         }
@@ -289,34 +292,6 @@ impl FlowRunner {
         let schema = Arc::new(record.schema.clone());
         state.schema = Some(record);
         Ok(schema)
-    }
-
-    /// The schema rows are written with, and the Delta schema for creating the table.
-    async fn table_schema(
-        &self,
-        source_schema: &SchemaRef,
-    ) -> Result<(Schema, deltalake::kernel::StructType), CoordinatorError> {
-        let schema_error = |message: String| CoordinatorError::Schema { flow: self.flow().to_string(), message };
-        let relation = with_metadata_field(source_schema).map_err(|e| schema_error(e.to_string()))?;
-        let produced = transform::output_schema(relation, self.ctx.flow.transform.as_deref())
-            .await
-            .map_err(|source| CoordinatorError::Worker { flow: self.flow().to_string(), source })?;
-        let (delta, arrow) = to_delta(&produced).map_err(schema_error)?;
-        for column in &self.ctx.flow.sink.partition_by {
-            if arrow.field_with_name(column).is_err() {
-                return Err(schema_error(format!(
-                    "sink.partition_by names `{column}`, which the flow does not produce"
-                )));
-            }
-        }
-        let Some(table) = load_table(&self.ctx.flow.sink.table).await.map_err(|e| self.delta_error(e))? else {
-            return Ok((arrow, delta));
-        };
-        let snapshot = table.snapshot().map_err(|e| self.delta_error(e))?;
-        let existing = snapshot.snapshot().arrow_schema();
-        check_appendable(&existing, &arrow)
-            .map_err(|m| schema_error(format!("table {}: {m}", self.ctx.flow.sink.table)))?;
-        Ok((existing.as_ref().clone(), delta))
     }
 
     async fn run_batch(
@@ -346,10 +321,14 @@ impl FlowRunner {
                 bytes: record.bytes,
                 seconds: 0.0,
                 version: None,
+                source_versions: None,
             });
         }
-        let (table_schema, delta_schema) = self.table_schema(&source_schema).await?;
-        let tasks = self.tasks_for(plan, &source_schema, &table_schema);
+        let relation = with_metadata_field(&source_schema)
+            .map_err(|e| CoordinatorError::Schema { flow: flow.clone(), message: e.to_string() })?;
+        let target = self.ctx.target().await?;
+        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target.as_ref()).await?;
+        let tasks = self.tasks_for(plan, &source_schema, &table_schema, target.as_ref());
         self.ctx.progress.send(ProgressEvent::BatchStarted {
             flow: flow.clone(),
             batch: plan.batch,
@@ -357,65 +336,18 @@ impl FlowRunner {
             bytes: plan.bytes(),
             tasks: tasks.len(),
             resumed,
+            source_versions: None,
         });
         info!(flow, batch = plan.batch, files = plan.files.len(), tasks = tasks.len(), resumed, "batch started");
-        let queue = TaskQueue { kv: self.ctx.kv.as_ref(), keys: &self.ctx.keys };
-        queue.clear_batch(&self.ctx.pipeline, &flow, plan.batch).await?;
-        queue.publish(&tasks).await?;
-        let results = self.await_tasks(&queue, tasks, plan.batch).await;
-        queue.clear_batch(&self.ctx.pipeline, &flow, plan.batch).await?;
-        let results = results?;
-
-        failpoint::hit(failpoint::BEFORE_COMMIT).await;
-        let rows: u64 = results.iter().map(|r| r.rows).sum();
-        let adds = results
-            .iter()
-            .flat_map(|r| r.adds.iter())
-            .map(|value| serde_json::from_value::<Add>(value.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CoordinatorError::BatchFailed {
-                flow: flow.clone(),
-                batch: plan.batch,
-                message: format!("a worker returned a malformed add action: {e}"),
-                retryable: false,
-            })?;
-        let request = BatchCommit {
-            table_url: self.ctx.flow.sink.table.clone(),
-            app_id: self.ctx.flow.app_id(&self.ctx.pipeline),
+        let work = BatchWork {
             batch: plan.batch,
-            adds,
-            schema: delta_schema,
-            partition_by: self.ctx.flow.sink.partition_by.clone(),
-            properties: self.ctx.flow.sink.properties.clone(),
-            info: commit_info(&self.ctx.pipeline, &flow, plan, rows),
+            tasks,
+            delta_schema,
+            computed_on: None,
+            follows: None,
+            info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
         };
-        if let Some(fence) = &self.ctx.fence {
-            let deadline = Instant::now() + FENCE_PATIENCE;
-            loop {
-                match fence.check().await {
-                    Ok(()) => break,
-                    Err(error) if error.retryable && Instant::now() < deadline => {
-                        warn!(flow, batch = plan.batch, error = %error.message, "cannot confirm the right to commit yet; retrying");
-                        tokio::time::sleep(self.ctx.timings.poll_interval()).await;
-                    }
-                    Err(error) => {
-                        let FenceError { message, retryable } = error;
-                        return Err(CoordinatorError::Fenced { flow: flow.clone(), message, retryable });
-                    }
-                }
-            }
-        }
-        let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
-            flow: flow.clone(),
-            batch: plan.batch,
-            table: request.table_url.to_string(),
-            message: e.to_string(),
-        })?;
-        failpoint::hit(failpoint::AFTER_COMMIT).await;
-        let version = match outcome {
-            CommitOutcome::Committed { version } => Some(version),
-            CommitOutcome::AlreadyCommitted => None,
-        };
+        let (version, rows) = self.ctx.execute_and_commit(work, target.as_ref()).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -426,12 +358,30 @@ impl FlowRunner {
         self.ctx.checkpoint.record_commit(&flow, &record).await?;
         let seconds = started.elapsed().as_secs_f64();
         info!(flow, batch = plan.batch, rows, version, seconds, "batch committed");
-        Ok(BatchReport { flow, batch: plan.batch, files: record.files, rows, bytes: record.bytes, seconds, version })
+        Ok(BatchReport {
+            flow,
+            batch: plan.batch,
+            files: record.files,
+            rows,
+            bytes: record.bytes,
+            seconds,
+            version,
+            source_versions: None,
+        })
     }
 
-    fn tasks_for(&self, plan: &BatchPlan, source_schema: &SchemaRef, table_schema: &Schema) -> Vec<TaskSpec> {
-        let source = self.ctx.flow.files_source();
-        split_into_tasks(&plan.files, self.ctx.parallelism.load(Ordering::Relaxed))
+    fn tasks_for(
+        &self,
+        plan: &BatchPlan,
+        source_schema: &SchemaRef,
+        table_schema: &Schema,
+        target: Option<&DeltaTable>,
+    ) -> Vec<TaskSpec> {
+        let source = &self.source;
+        let merge = self.ctx.merge_task(target);
+        // A merge reads the table's rows for the batch's keys: one task sees all of them.
+        let parallelism = if merge.is_some() { 1 } else { self.ctx.parallelism.load(Ordering::Relaxed) };
+        split_into_tasks(&plan.files, parallelism)
             .into_iter()
             .enumerate()
             .map(|(index, files)| TaskSpec {
@@ -451,8 +401,195 @@ impl FlowRunner {
                 table_schema: table_schema.clone(),
                 partition_by: self.ctx.flow.sink.partition_by.clone(),
                 ingest_time_us: plan.planned_at_us,
+                delta_read: None,
+                merge: merge.clone(),
             })
             .collect()
+    }
+}
+
+/// One batch's tasks and what its commit needs.
+pub(crate) struct BatchWork {
+    pub batch: u64,
+    pub tasks: Vec<TaskSpec>,
+    pub delta_schema: StructType,
+    /// See [`BatchCommit::computed_on`]; set for merges by [`FlowContext::execute_and_commit`].
+    pub computed_on: Option<Option<u64>>,
+    pub follows: Option<Option<u64>>,
+    pub info: BTreeMap<String, serde_json::Value>,
+}
+
+impl FlowContext {
+    pub(crate) fn flow_name(&self) -> &str {
+        &self.flow.name
+    }
+
+    pub(crate) fn delta_error(&self, source: deltalake::DeltaTableError) -> CoordinatorError {
+        CoordinatorError::Delta { flow: self.flow.name.clone(), table: self.flow.sink.table.to_string(), source }
+    }
+
+    /// The sink table as it is now, if it exists.
+    pub(crate) async fn target(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
+        load_table(&self.flow.sink.table).await.map_err(|e| self.delta_error(e))
+    }
+
+    /// The merge a task does for a merge sink, against the table as it is now.
+    pub(crate) fn merge_task(&self, target: Option<&DeltaTable>) -> Option<MergeTask> {
+        let spec = self.flow.sink.merge.clone()?;
+        Some(MergeTask { spec, target_version: target.and_then(|t| t.version()) })
+    }
+
+    /// The schema rows are written with, and the Delta schema for creating the
+    /// table, for a transform over `relation`.
+    pub(crate) async fn table_schema(
+        &self,
+        relation: &SchemaRef,
+        target: Option<&DeltaTable>,
+    ) -> Result<(Schema, deltalake::kernel::StructType), CoordinatorError> {
+        let flow = self.flow_name().to_string();
+        let schema_error = |message: String| CoordinatorError::Schema { flow: flow.clone(), message };
+        let produced = transform::output_schema(relation.clone(), self.flow.transform.as_deref())
+            .await
+            .map_err(|source| CoordinatorError::Worker { flow: flow.clone(), source })?;
+        let produced = match &self.flow.sink.merge {
+            Some(merge) => {
+                for column in merge.keys.iter().chain([&merge.sequence_by]) {
+                    if produced.field_with_name(column).is_err() {
+                        return Err(schema_error(format!(
+                            "the merge needs column `{column}`, which the flow does not produce; it produces: {}",
+                            produced.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                }
+                let kept: Vec<_> =
+                    produced.fields().iter().filter(|f| !merge.except_columns.contains(f.name())).cloned().collect();
+                Schema::new(kept)
+            }
+            None => produced,
+        };
+        let (delta, arrow) = to_delta(&produced).map_err(&schema_error)?;
+        for column in &self.flow.sink.partition_by {
+            if arrow.field_with_name(column).is_err() {
+                return Err(schema_error(format!(
+                    "sink.partition_by names `{column}`, which the flow does not produce"
+                )));
+            }
+        }
+        let Some(table) = target else {
+            return Ok((arrow, delta));
+        };
+        let snapshot = table.snapshot().map_err(|e| self.delta_error(e))?;
+        let existing = snapshot.snapshot().arrow_schema();
+        check_appendable(&existing, &arrow)
+            .map_err(|m| schema_error(format!("table {}: {m}", self.flow.sink.table)))?;
+        Ok((existing.as_ref().clone(), delta))
+    }
+
+    /// Publishes the batch's tasks, waits for them, and commits their output
+    /// with the flow's txn. Returns the new table version (`None` when the
+    /// batch was already in the table) and the rows written.
+    pub(crate) async fn execute_and_commit(
+        &self,
+        work: BatchWork,
+        target: Option<&DeltaTable>,
+    ) -> Result<(Option<i64>, u64), CoordinatorError> {
+        let flow = self.flow_name().to_string();
+        let batch = work.batch;
+        let queue = TaskQueue { kv: self.kv.as_ref(), keys: &self.keys };
+        queue.clear_batch(&self.pipeline, &flow, batch).await?;
+        queue.publish(&work.tasks).await?;
+        let results = self.await_tasks(&queue, work.tasks, batch).await;
+        queue.clear_batch(&self.pipeline, &flow, batch).await?;
+        let results = results?;
+
+        failpoint::hit(failpoint::BEFORE_COMMIT).await;
+        let rows: u64 = results.iter().map(|r| r.rows).sum();
+        let malformed = |e: serde_json::Error| CoordinatorError::BatchFailed {
+            flow: flow.clone(),
+            batch,
+            message: format!("a worker returned a malformed action: {e}"),
+            retryable: false,
+        };
+        let adds = results
+            .iter()
+            .flat_map(|r| r.adds.iter())
+            .map(|value| serde_json::from_value::<Add>(value.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(malformed)?;
+        let removes = results
+            .iter()
+            .flat_map(|r| r.removes.iter())
+            .map(|value| serde_json::from_value::<Remove>(value.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(malformed)?;
+        let mut info = work.info;
+        info.insert("sluice.rows".to_string(), rows.into());
+        let mut computed_on = work.computed_on;
+        for counts in results.iter().filter_map(|r| r.merge) {
+            computed_on = Some(target.and_then(|t| t.version()));
+            for (name, value) in [
+                ("inserted", counts.inserted),
+                ("updated", counts.updated),
+                ("deleted", counts.deleted),
+                ("ignored", counts.ignored),
+                ("files_scanned", counts.files_scanned),
+                ("files_rewritten", counts.files_rewritten),
+            ] {
+                info.insert(format!("sluice.merge.{name}"), value.into());
+            }
+        }
+        let kind = match self.flow.sink.mode {
+            SinkMode::Append => CommitKind::Append,
+            SinkMode::Merge => CommitKind::Merge,
+            SinkMode::Overwrite => CommitKind::Overwrite,
+        };
+        let request = BatchCommit {
+            table_url: self.flow.sink.table.clone(),
+            app_id: self.flow.app_id(&self.pipeline),
+            batch,
+            adds,
+            removes,
+            kind,
+            computed_on,
+            follows: work.follows,
+            schema: work.delta_schema,
+            partition_by: self.flow.sink.partition_by.clone(),
+            properties: self.flow.sink.properties.clone(),
+            info,
+        };
+        self.wait_for_fence(batch).await?;
+        let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
+            flow: flow.clone(),
+            batch,
+            table: request.table_url.to_string(),
+            message: e.to_string(),
+        })?;
+        failpoint::hit(failpoint::AFTER_COMMIT).await;
+        let version = match outcome {
+            CommitOutcome::Committed { version } => Some(version),
+            CommitOutcome::AlreadyCommitted => None,
+        };
+        Ok((version, rows))
+    }
+
+    /// Returns when this process may commit; fails when it may not.
+    async fn wait_for_fence(&self, batch: u64) -> Result<(), CoordinatorError> {
+        let Some(fence) = &self.fence else { return Ok(()) };
+        let flow = self.flow_name();
+        let deadline = Instant::now() + FENCE_PATIENCE;
+        loop {
+            match fence.check().await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.retryable && Instant::now() < deadline => {
+                    warn!(flow, batch, error = %error.message, "cannot confirm the right to commit yet; retrying");
+                    tokio::time::sleep(self.timings.poll_interval()).await;
+                }
+                Err(error) => {
+                    let FenceError { message, retryable } = error;
+                    return Err(CoordinatorError::Fenced { flow: flow.to_string(), message, retryable });
+                }
+            }
+        }
     }
 
     /// Waits for every task's outcome; retries retryable failures up to
@@ -463,16 +600,16 @@ impl FlowRunner {
         mut tasks: Vec<TaskSpec>,
         batch: u64,
     ) -> Result<Vec<TaskResult>, CoordinatorError> {
-        let flow = self.flow().to_string();
+        let flow = self.flow_name().to_string();
         let mut done: BTreeMap<u32, TaskResult> = BTreeMap::new();
         while done.len() < tasks.len() {
-            let (revision, outcomes) = match queue.outcomes(&self.ctx.pipeline, &flow, batch).await {
+            let (revision, outcomes) = match queue.outcomes(&self.pipeline, &flow, batch).await {
                 Ok(listing) => listing,
                 Err(QueueError::Kv(error)) if error.is_retryable() => {
                     // The store is unreachable for a while: the workers keep working and
                     // their results wait in the store, so wait for it rather than fail the batch.
                     warn!(flow, batch, %error, "cannot read task outcomes; retrying");
-                    tokio::time::sleep(self.ctx.timings.poll_interval()).await;
+                    tokio::time::sleep(self.timings.poll_interval()).await;
                     continue;
                 }
                 Err(error) => return Err(error.into()),
@@ -484,7 +621,7 @@ impl FlowRunner {
                 }
                 match outcome {
                     TaskOutcome::Done(result) => {
-                        self.ctx.progress.send(ProgressEvent::TaskFinished {
+                        self.progress.send(ProgressEvent::TaskFinished {
                             flow: flow.clone(),
                             batch,
                             rows: result.rows,
@@ -495,7 +632,7 @@ impl FlowRunner {
                     }
                     TaskOutcome::Failed(failure) if failure.retryable && task.attempt + 1 < MAX_TASK_ATTEMPTS => {
                         info!(flow, batch, task = index, error = %failure.message, "task failed; handing it out again");
-                        self.ctx.progress.send(ProgressEvent::TaskRetried {
+                        self.progress.send(ProgressEvent::TaskRetried {
                             flow: flow.clone(),
                             batch,
                             message: failure.message,
@@ -510,11 +647,10 @@ impl FlowRunner {
                 }
             }
             if done.len() < tasks.len() {
-                let waited = queue
-                    .wait_for_outcomes(&self.ctx.pipeline, &flow, batch, revision, self.ctx.timings.poll_interval())
-                    .await;
+                let waited =
+                    queue.wait_for_outcomes(&self.pipeline, &flow, batch, revision, self.timings.poll_interval()).await;
                 if waited.is_err() {
-                    tokio::time::sleep(self.ctx.timings.poll_interval()).await;
+                    tokio::time::sleep(self.timings.poll_interval()).await;
                 }
             }
         }
@@ -522,14 +658,19 @@ impl FlowRunner {
     }
 }
 
-fn commit_info(pipeline: &str, flow: &str, plan: &BatchPlan, rows: u64) -> BTreeMap<String, serde_json::Value> {
+pub(crate) fn commit_info(
+    pipeline: &str,
+    flow: &str,
+    batch: u64,
+    files: u64,
+    bytes: u64,
+) -> BTreeMap<String, serde_json::Value> {
     BTreeMap::from([
         ("sluice.pipeline".to_string(), pipeline.into()),
         ("sluice.flow".to_string(), flow.into()),
-        ("sluice.batch".to_string(), plan.batch.into()),
-        ("sluice.files".to_string(), (plan.files.len() as u64).into()),
-        ("sluice.rows".to_string(), rows.into()),
-        ("sluice.bytes".to_string(), plan.bytes().into()),
+        ("sluice.batch".to_string(), batch.into()),
+        ("sluice.files".to_string(), files.into()),
+        ("sluice.bytes".to_string(), bytes.into()),
     ])
 }
 

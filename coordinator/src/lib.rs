@@ -14,6 +14,7 @@ pub mod checkpoint;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod commit;
+pub mod delta_flow;
 pub mod discovery;
 pub mod error;
 pub mod flow_runner;

@@ -14,12 +14,13 @@ use std::time::Instant;
 
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
-use sluice_proto::spec::{PipelineSpec, Trigger};
+use sluice_proto::spec::{PipelineSpec, SourceSpec, Trigger};
 use sluice_proto::timing::LeaseTimings;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::checkpoint::Checkpoint;
+use crate::delta_flow::DeltaFlowRunner;
 use crate::error::CoordinatorError;
 use crate::flow_runner::{CommitFence, FlowContext, FlowRunner};
 use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
@@ -36,6 +37,11 @@ pub struct RunEnvironment {
     pub progress: ProgressSink,
     /// Checked before every commit (a cluster coordinator's leadership).
     pub fence: Option<Arc<dyn CommitFence>>,
+}
+
+enum Runner {
+    Files(Box<FlowRunner>),
+    Delta(Box<DeltaFlowRunner>),
 }
 
 /// A failed run: the error, and what was committed before it.
@@ -71,11 +77,11 @@ async fn run_rounds(
     summaries: &mut [FlowSummary],
 ) -> Result<(), CoordinatorError> {
     let checkpoint = Arc::new(Checkpoint::open(&spec.checkpoint)?);
-    let mut runners: Vec<FlowRunner> = spec
+    let mut runners: Vec<Runner> = spec
         .flows
         .iter()
         .map(|flow| {
-            FlowRunner::new(FlowContext {
+            let ctx = FlowContext {
                 pipeline: spec.name.clone(),
                 flow: flow.clone(),
                 checkpoint: checkpoint.clone(),
@@ -85,25 +91,59 @@ async fn run_rounds(
                 timings: env.timings,
                 progress: env.progress.clone(),
                 fence: env.fence.clone(),
-            })
+            };
+            match &flow.source {
+                SourceSpec::Files(files) => Runner::Files(Box::new(FlowRunner::new(ctx, files.clone()))),
+                _ => Runner::Delta(Box::new(DeltaFlowRunner::new(ctx).expect("a Delta source"))),
+            }
         })
         .collect();
+    let order = spec.dependency_order();
     let continuous = matches!(spec.trigger, Trigger::Interval(_));
     loop {
         let round_started = Instant::now();
-        for (runner, summary) in runners.iter_mut().zip(summaries.iter_mut()) {
+        // Flows that failed this round, and those skipped because of them.
+        let mut failed: Vec<&str> = Vec::new();
+        let mut skipped: Vec<String> = Vec::new();
+        let mut first_error: Option<CoordinatorError> = None;
+        for &index in &order {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            match runner.run_until_caught_up(cancel, summary).await {
+            let flow = &spec.flows[index];
+            if let Some(upstream) = flow.source.upstream().filter(|u| failed.contains(u)) {
+                info!(flow = %flow.name, upstream, "not running: a flow it reads from failed");
+                env.progress
+                    .send(ProgressEvent::FlowSkipped { flow: flow.name.clone(), upstream: upstream.to_string() });
+                failed.push(&flow.name);
+                skipped.push(flow.name.clone());
+                continue;
+            }
+            let summary = &mut summaries[index];
+            let result = match &mut runners[index] {
+                Runner::Files(runner) => runner.run_until_caught_up(cancel, summary).await,
+                Runner::Delta(runner) => runner.run_until_caught_up(cancel, summary).await,
+            };
+            match result {
                 Ok(()) => {}
                 Err(error) if continuous && error.is_retryable() => {
                     info!(flow = %summary.name, %error, "round failed; trying again next round");
                     let event = ProgressEvent::RoundFailed { flow: summary.name.clone(), message: error.to_string() };
                     env.progress.send(event);
+                    failed.push(&flow.name);
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    // The flows that do not depend on this one still run.
+                    failed.push(&flow.name);
+                    first_error.get_or_insert(error);
+                }
             }
+        }
+        if let Some(error) = first_error {
+            if skipped.is_empty() {
+                return Err(error);
+            }
+            return Err(CoordinatorError::DependentsSkipped { error: Box::new(error), skipped });
         }
         let Trigger::Interval(interval) = spec.trigger else { return Ok(()) };
         let wait = interval.saturating_sub(round_started.elapsed());

@@ -18,6 +18,8 @@ pub enum ProgressEvent {
         bytes: u64,
         tasks: usize,
         resumed: bool,
+        /// For a Delta source: the source versions the batch reads (first, last).
+        source_versions: Option<(u64, u64)>,
     },
     TaskFinished {
         flow: String,
@@ -53,6 +55,11 @@ pub enum ProgressEvent {
         flow: String,
         message: String,
     },
+    /// A flow did not run because a flow it reads from failed.
+    FlowSkipped {
+        flow: String,
+        upstream: String,
+    },
     /// Interval trigger: the next round starts after this long.
     Waiting {
         seconds: f64,
@@ -69,6 +76,9 @@ pub struct BatchReport {
     pub seconds: f64,
     /// The Delta version committed; `None` when the batch turned out to be committed already.
     pub version: Option<i64>,
+    /// For a Delta source: the source versions read (first, last); `files` is then 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_versions: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -182,6 +182,8 @@ mod tests {
             table_schema: Schema::empty(),
             partition_by: vec![],
             ingest_time_us: 0,
+            delta_read: None,
+            merge: None,
         }
     }
 

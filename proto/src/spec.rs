@@ -67,6 +67,31 @@ pub struct RawFlow {
 pub struct RawSource {
     #[serde(default)]
     pub files: Option<RawFilesSource>,
+    #[serde(default)]
+    pub delta_changes: Option<RawDeltaChanges>,
+    #[serde(default)]
+    pub delta: Option<RawDeltaSnapshot>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeltaChanges {
+    /// A table URL or path, or `flow:<name>` for another flow's sink.
+    pub table: String,
+    #[serde(default)]
+    pub starting_version: Option<u64>,
+    #[serde(default)]
+    pub starting_timestamp: Option<String>,
+    #[serde(default)]
+    pub max_versions_per_batch: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeltaSnapshot {
+    pub table: String,
+    #[serde(default)]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +123,21 @@ pub struct RawSink {
     pub partition_by: Vec<String>,
     #[serde(default)]
     pub properties: BTreeMap<String, serde_yaml::Value>,
+    // Merge sinks only.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub sequence_by: Option<String>,
+    #[serde(default)]
+    pub delete_when: Option<String>,
+    #[serde(default)]
+    pub ignore_null_updates: Option<bool>,
+    #[serde(default)]
+    pub except_columns: Vec<String>,
+    #[serde(default)]
+    pub scd: Option<u8>,
+    #[serde(default)]
+    pub track_history_columns: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -132,6 +172,53 @@ pub struct FlowSpec {
 #[derive(Debug, Clone)]
 pub enum SourceSpec {
     Files(FilesSource),
+    /// The change data feed of a Delta table, version range by version range.
+    DeltaChanges(DeltaChangesSource),
+    /// A Delta table's snapshot, read whole each time it has a new version.
+    Delta(DeltaSnapshotSource),
+}
+
+/// A Delta table a flow reads: its location, and the flow that writes it when
+/// it was named as `flow:<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRef {
+    pub url: Url,
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeltaChangesSource {
+    pub table: TableRef,
+    pub starting_version: Option<u64>,
+    /// Milliseconds since the epoch; the first version committed at or after it.
+    pub starting_timestamp_ms: Option<i64>,
+    pub max_versions_per_batch: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeltaSnapshotSource {
+    pub table: TableRef,
+    /// A fixed version (time travel); `None` follows the latest.
+    pub version: Option<u64>,
+}
+
+impl SourceSpec {
+    /// The flow this source reads from, if it names one.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            SourceSpec::Files(_) => None,
+            SourceSpec::DeltaChanges(s) => s.table.upstream.as_deref(),
+            SourceSpec::Delta(s) => s.table.upstream.as_deref(),
+        }
+    }
+
+    fn table_mut(&mut self) -> Option<&mut TableRef> {
+        match self {
+            SourceSpec::Files(_) => None,
+            SourceSpec::DeltaChanges(s) => Some(&mut s.table),
+            SourceSpec::Delta(s) => Some(&mut s.table),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +284,8 @@ pub struct SinkSpec {
     pub mode: SinkMode,
     pub partition_by: Vec<String>,
     pub properties: BTreeMap<String, String>,
+    /// Set when `mode` is `merge`.
+    pub merge: Option<MergeSpec>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,7 +293,28 @@ pub struct SinkSpec {
 pub enum SinkMode {
     #[default]
     Append,
+    /// Apply changes by key (upserts and deletes).
+    Merge,
+    /// Replace the table's contents with each batch.
+    Overwrite,
 }
+
+/// How a merge sink applies changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeSpec {
+    pub keys: Vec<String>,
+    pub sequence_by: String,
+    /// SQL predicate over a change row: true means "delete this key". `None`
+    /// when the source has no `_change_type` and the user gave none.
+    pub delete_when: Option<String>,
+    pub ignore_null_updates: bool,
+    pub except_columns: Vec<String>,
+    pub scd: u8,
+    pub track_history_columns: Vec<String>,
+}
+
+/// The default `delete_when` of a merge fed by a change data feed.
+pub const CDF_DELETE_WHEN: &str = "_change_type = 'delete'";
 
 impl FlowSpec {
     /// The Delta `txn` application id under which this flow's batches are committed.
@@ -212,9 +322,10 @@ impl FlowSpec {
         format!("sluice:{pipeline}/{}", self.name)
     }
 
-    pub fn files_source(&self) -> &FilesSource {
+    pub fn files_source(&self) -> Option<&FilesSource> {
         match &self.source {
-            SourceSpec::Files(files) => files,
+            SourceSpec::Files(files) => Some(files),
+            _ => None,
         }
     }
 }
@@ -256,17 +367,83 @@ impl PipelineSpec {
             }
             flows.push(flow);
         }
+        resolve_flow_references(&mut flows)?;
         Ok(Self { name: raw.pipeline, checkpoint, trigger, flows })
     }
+
+    /// Flow indexes in an order where every flow comes after the flows it reads.
+    pub fn dependency_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = Vec::with_capacity(self.flows.len());
+        while order.len() < self.flows.len() {
+            let before = order.len();
+            for (index, flow) in self.flows.iter().enumerate() {
+                if order.contains(&index) {
+                    continue;
+                }
+                let ready = match flow.source.upstream() {
+                    None => true,
+                    Some(name) => order.iter().any(|&i| self.flows[i].name == name),
+                };
+                if ready {
+                    order.push(index);
+                }
+            }
+            if order.len() == before {
+                // A cycle; `from_raw` rejects those, so this only guards against a hand-built spec.
+                let rest: Vec<usize> = (0..self.flows.len()).filter(|i| !order.contains(i)).collect();
+                order.extend(rest);
+            }
+        }
+        order
+    }
+}
+
+/// Replaces `flow:<name>` references by the named flow's sink and rejects
+/// references to unknown flows and cycles.
+fn resolve_flow_references(flows: &mut [FlowSpec]) -> Result<(), SpecError> {
+    let sinks: BTreeMap<String, Url> = flows.iter().map(|f| (f.name.clone(), f.sink.table.clone())).collect();
+    for (index, flow) in flows.iter_mut().enumerate() {
+        let field = format!("flows[{index}].source");
+        let own = flow.name.clone();
+        let Some(table) = flow.source.table_mut() else { continue };
+        let Some(name) = table.upstream.clone() else { continue };
+        if name == own {
+            return Err(SpecError::invalid(format!("{field}.table"), "a flow cannot read its own sink"));
+        }
+        match sinks.get(&name) {
+            Some(url) => table.url = url.clone(),
+            None => {
+                let known: Vec<&str> = sinks.keys().map(String::as_str).collect();
+                return Err(SpecError::invalid(
+                    format!("{field}.table"),
+                    format!("`flow:{name}` names no flow of this pipeline; flows: {}", known.join(", ")),
+                ));
+            }
+        }
+    }
+    // Cycles: follow each flow's upstream chain.
+    for (index, flow) in flows.iter().enumerate() {
+        let mut seen = vec![flow.name.as_str()];
+        let mut current = flow.source.upstream();
+        while let Some(name) = current {
+            if seen.contains(&name) {
+                seen.push(name);
+                return Err(SpecError::invalid(
+                    format!("flows[{index}].source.table"),
+                    format!("flows read each other in a cycle: {}", seen.join(" -> ")),
+                ));
+            }
+            seen.push(name);
+            current = flows.iter().find(|f| f.name == name).and_then(|f| f.source.upstream());
+        }
+    }
+    Ok(())
 }
 
 impl FlowSpec {
     fn from_raw(raw: RawFlow, field: &str, base_dir: Option<&Path>) -> Result<Self, SpecError> {
         validate_name(&format!("{field}.name"), &raw.name)?;
-        let Some(files) = raw.source.files else {
-            return Err(SpecError::invalid(format!("{field}.source"), "a source needs a `files:` section"));
-        };
-        let source = FilesSource::from_raw(files, &format!("{field}.source.files"), base_dir)?;
+        let source = SourceSpec::from_raw(raw.source, &format!("{field}.source"), base_dir)?;
         let transform = match raw.transform {
             Some(sql) if sql.trim().is_empty() => {
                 return Err(SpecError::invalid(
@@ -276,9 +453,70 @@ impl FlowSpec {
             }
             other => other,
         };
-        let sink = SinkSpec::from_raw(raw.sink, &format!("{field}.sink"), base_dir)?;
-        Ok(Self { name: raw.name, source: SourceSpec::Files(source), transform, sink })
+        let cdf = matches!(source, SourceSpec::DeltaChanges(_));
+        let sink = SinkSpec::from_raw(raw.sink, &format!("{field}.sink"), base_dir, cdf)?;
+        Ok(Self { name: raw.name, source, transform, sink })
     }
+}
+
+impl SourceSpec {
+    fn from_raw(raw: RawSource, field: &str, base_dir: Option<&Path>) -> Result<Self, SpecError> {
+        const KINDS: &str = "`files:`, `delta_changes:` or `delta:`";
+        let given = [raw.files.is_some(), raw.delta_changes.is_some(), raw.delta.is_some()];
+        match given.iter().filter(|g| **g).count() {
+            0 => return Err(SpecError::invalid(field, format!("a source needs one of {KINDS}"))),
+            1 => {}
+            _ => return Err(SpecError::invalid(field, format!("give only one of {KINDS}"))),
+        }
+        if let Some(files) = raw.files {
+            return Ok(SourceSpec::Files(FilesSource::from_raw(files, &format!("{field}.files"), base_dir)?));
+        }
+        if let Some(changes) = raw.delta_changes {
+            let field = format!("{field}.delta_changes");
+            let table = parse_table_ref(&format!("{field}.table"), &changes.table, base_dir)?;
+            if changes.starting_version.is_some() && changes.starting_timestamp.is_some() {
+                return Err(SpecError::invalid(field, "give `starting_version` or `starting_timestamp`, not both"));
+            }
+            let starting_timestamp_ms = changes
+                .starting_timestamp
+                .as_deref()
+                .map(|text| {
+                    humantime::parse_rfc3339_weak(text.trim())
+                        .map(|t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64))
+                        .map_err(|e| {
+                            SpecError::invalid(
+                                format!("{field}.starting_timestamp"),
+                                format!("`{text}` is not a timestamp ({e}); write e.g. `2026-01-31T00:00:00Z`"),
+                            )
+                        })
+                })
+                .transpose()?;
+            if changes.max_versions_per_batch == Some(0) {
+                return Err(SpecError::invalid(format!("{field}.max_versions_per_batch"), "must be at least 1"));
+            }
+            return Ok(SourceSpec::DeltaChanges(DeltaChangesSource {
+                table,
+                starting_version: changes.starting_version,
+                starting_timestamp_ms,
+                max_versions_per_batch: changes.max_versions_per_batch,
+            }));
+        }
+        let snapshot = raw.delta.expect("one source kind is set");
+        let table = parse_table_ref(&format!("{field}.delta.table"), &snapshot.table, base_dir)?;
+        Ok(SourceSpec::Delta(DeltaSnapshotSource { table, version: snapshot.version }))
+    }
+}
+
+/// `flow:<name>` (resolved once every flow is known) or a location.
+fn parse_table_ref(field: &str, text: &str, base_dir: Option<&Path>) -> Result<TableRef, SpecError> {
+    if let Some(name) = text.trim().strip_prefix("flow:") {
+        let name = name.trim();
+        validate_name(field, name)?;
+        // A placeholder until `resolve_flow_references` puts the flow's sink here.
+        let url = Url::parse("file:///").expect("a valid URL");
+        return Ok(TableRef { url, upstream: Some(name.to_string()) });
+    }
+    Ok(TableRef { url: parse_location(field, text, base_dir)?, upstream: None })
 }
 
 impl FilesSource {
@@ -321,7 +559,7 @@ impl FilesSource {
 }
 
 impl SinkSpec {
-    fn from_raw(raw: RawSink, field: &str, base_dir: Option<&Path>) -> Result<Self, SpecError> {
+    fn from_raw(raw: RawSink, field: &str, base_dir: Option<&Path>, cdf_source: bool) -> Result<Self, SpecError> {
         let table = parse_location(&format!("{field}.table"), &raw.table, base_dir)?;
         for (index, column) in raw.partition_by.iter().enumerate() {
             if column.trim().is_empty() || raw.partition_by[..index].contains(column) {
@@ -332,6 +570,7 @@ impl SinkSpec {
             }
         }
         let mut properties = BTreeMap::new();
+        let merge = merge_spec(&raw, field, cdf_source)?;
         for (key, value) in raw.properties {
             let text = match value {
                 serde_yaml::Value::String(s) => s,
@@ -346,8 +585,92 @@ impl SinkSpec {
             };
             properties.insert(key, text);
         }
-        Ok(Self { table, mode: raw.mode, partition_by: raw.partition_by, properties })
+        Ok(Self { table, mode: raw.mode, partition_by: raw.partition_by, properties, merge })
     }
+}
+
+fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<MergeSpec>, SpecError> {
+    if raw.mode != SinkMode::Merge {
+        let merge_only = [
+            ("keys", !raw.keys.is_empty()),
+            ("sequence_by", raw.sequence_by.is_some()),
+            ("delete_when", raw.delete_when.is_some()),
+            ("ignore_null_updates", raw.ignore_null_updates.is_some()),
+            ("except_columns", !raw.except_columns.is_empty()),
+            ("scd", raw.scd.is_some()),
+            ("track_history_columns", !raw.track_history_columns.is_empty()),
+        ];
+        if let Some((key, _)) = merge_only.iter().find(|(_, given)| *given) {
+            return Err(SpecError::invalid(format!("{field}.{key}"), "applies to `mode: merge` only"));
+        }
+        return Ok(None);
+    }
+    if raw.keys.is_empty() {
+        return Err(SpecError::invalid(
+            format!("{field}.keys"),
+            "a merge sink needs `keys: [..]`, the columns that identify a row",
+        ));
+    }
+    for (index, key) in raw.keys.iter().enumerate() {
+        if key.trim().is_empty() || raw.keys[..index].contains(key) {
+            return Err(SpecError::invalid(format!("{field}.keys[{index}]"), format!("`{key}` is empty or repeated")));
+        }
+    }
+    let Some(sequence_by) = raw.sequence_by.clone().filter(|s| !s.trim().is_empty()) else {
+        return Err(SpecError::invalid(
+            format!("{field}.sequence_by"),
+            "a merge sink needs `sequence_by: <column>`, the column that orders the changes of a key (for a change data feed: `_commit_version`)",
+        ));
+    };
+    let scd = raw.scd.unwrap_or(1);
+    match scd {
+        1 => {}
+        2 => {
+            return Err(SpecError::invalid(
+                format!("{field}.scd"),
+                "SCD type 2 is not supported yet (see issue 4); use `scd: 1`",
+            ));
+        }
+        _ => return Err(SpecError::invalid(format!("{field}.scd"), "must be 1 or 2")),
+    }
+    if raw.ignore_null_updates == Some(true) {
+        return Err(SpecError::invalid(
+            format!("{field}.ignore_null_updates"),
+            "`true` is not supported yet (see issue 4): a change's NULLs overwrite the target's values",
+        ));
+    }
+    if !raw.track_history_columns.is_empty() {
+        return Err(SpecError::invalid(format!("{field}.track_history_columns"), "applies to `scd: 2` only"));
+    }
+    if !raw.partition_by.is_empty() {
+        return Err(SpecError::invalid(
+            format!("{field}.partition_by"),
+            "a merge sink cannot be partitioned yet; leave `partition_by` out",
+        ));
+    }
+    if let Some(column) = raw.except_columns.iter().find(|c| raw.keys.contains(c) || **c == sequence_by) {
+        return Err(SpecError::invalid(
+            format!("{field}.except_columns"),
+            format!("`{column}` is a key or the sequence column; the table needs it"),
+        ));
+    }
+    let delete_when = match &raw.delete_when {
+        Some(sql) if sql.trim().is_empty() => {
+            return Err(SpecError::invalid(format!("{field}.delete_when"), "is empty"));
+        }
+        Some(sql) => Some(sql.clone()),
+        None if cdf_source => Some(CDF_DELETE_WHEN.to_string()),
+        None => None,
+    };
+    Ok(Some(MergeSpec {
+        keys: raw.keys.clone(),
+        sequence_by,
+        delete_when,
+        ignore_null_updates: raw.ignore_null_updates.unwrap_or(false),
+        except_columns: raw.except_columns.clone(),
+        scd,
+        track_history_columns: raw.track_history_columns.clone(),
+    }))
 }
 
 fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
@@ -480,7 +803,7 @@ flows:
         assert_eq!(spec.trigger, Trigger::Interval(Duration::from_secs(30)));
         assert_eq!(spec.checkpoint.as_str(), "file:///base/dir/lake/_checkpoints/retail/");
         let flow = &spec.flows[0];
-        let files = flow.files_source();
+        let files = flow.files_source().unwrap();
         assert_eq!(files.max_bytes_per_batch, Some(1 << 30));
         assert_eq!(files.location.path(), "/base/dir/landing/invoices/");
         assert_eq!(flow.sink.properties["delta.appendOnly"], "true");
@@ -509,8 +832,63 @@ flows:
         let err = error_of(&GOOD.replace("pipeline: retail", "pipeline: re tail"));
         assert!(err.contains("pipeline: `re tail` is not a valid name"), "{err}");
         let err =
-            error_of(&GOOD.replace("mode: append", "").replace("partition_by", "mode: merge\n      partition_by"));
-        assert!(err.contains("unknown variant `merge`"), "{err}");
+            error_of(&GOOD.replace("mode: append", "").replace("partition_by", "mode: upsert\n      partition_by"));
+        assert!(err.contains("unknown variant `upsert`") && err.contains("`merge`"), "{err}");
+    }
+
+    const MEDALLION: &str = r#"
+pipeline: retail
+checkpoint: /lake/_checkpoints
+flows:
+  - name: gold
+    source: { delta: { table: "flow:silver" } }
+    transform: SELECT StoreID, count(*) AS n FROM source GROUP BY StoreID
+    sink: { table: /lake/gold, mode: overwrite }
+  - name: silver
+    source: { delta_changes: { table: "flow:bronze" } }
+    sink:
+      table: /lake/silver
+      mode: merge
+      keys: [InvoiceNumber]
+      sequence_by: CreatedTime
+      except_columns: [_change_type]
+  - name: bronze
+    source: { files: { path: /landing, format: json } }
+    sink: { table: /lake/bronze }
+"#;
+
+    #[test]
+    fn flow_references_resolve_and_order_the_flows() {
+        let spec = parse_pipeline(MEDALLION, None).unwrap();
+        let order: Vec<&str> = spec.dependency_order().iter().map(|&i| spec.flows[i].name.as_str()).collect();
+        assert_eq!(order, ["bronze", "silver", "gold"]);
+        let SourceSpec::DeltaChanges(changes) = &spec.flows[1].source else { panic!("a change feed source") };
+        assert_eq!(changes.table.url.as_str(), "file:///lake/bronze/");
+        assert_eq!(changes.table.upstream.as_deref(), Some("bronze"));
+        let merge = spec.flows[1].sink.merge.as_ref().unwrap();
+        assert_eq!(merge.delete_when.as_deref(), Some(CDF_DELETE_WHEN));
+        assert_eq!(merge.scd, 1);
+    }
+
+    #[test]
+    fn broken_graphs_and_merge_options_are_named() {
+        let err = error_of(&MEDALLION.replace("flow:silver", "flow:silverr"));
+        assert!(err.contains("flows[0].source.table") && err.contains("`flow:silverr` names no flow"), "{err}");
+        let err = error_of(
+            &MEDALLION.replace("{ files: { path: /landing, format: json } }", "{ delta: { table: \"flow:gold\" } }"),
+        );
+        assert!(err.contains("cycle") && err.contains("gold -> silver -> bronze -> gold"), "{err}");
+        let err = error_of(&MEDALLION.replace("keys: [InvoiceNumber]", ""));
+        assert!(err.contains("flows[1].sink.keys") && err.contains("needs `keys"), "{err}");
+        let err = error_of(&MEDALLION.replace("sequence_by: CreatedTime", ""));
+        assert!(err.contains("flows[1].sink.sequence_by"), "{err}");
+        let err = error_of(&MEDALLION.replace("mode: overwrite", "mode: overwrite, keys: [a]"));
+        assert!(err.contains("flows[0].sink.keys") && err.contains("`mode: merge` only"), "{err}");
+        let err = error_of(&MEDALLION.replace(
+            "{ delta: { table: \"flow:silver\" } }",
+            "{ delta: { table: /x }, files: { path: /y, format: csv } }",
+        ));
+        assert!(err.contains("flows[0].source") && err.contains("only one of"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use arrow_schema::Schema;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{CsvOptions, Format};
+use crate::spec::{CsvOptions, Format, MergeSpec};
 
 /// One source file as discovered: its identity is path + size + modification time (+ etag).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -55,6 +55,51 @@ pub struct TaskSpec {
     pub partition_by: Vec<String>,
     /// The batch's ingest time (microseconds since the epoch), fixed at planning.
     pub ingest_time_us: i64,
+    /// Set when the task reads a Delta table instead of `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_read: Option<DeltaRead>,
+    /// Set when the output is merged into the table by key instead of appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeTask>,
+}
+
+/// What a task reads from a Delta table. `source_schema` is then the relation's
+/// whole schema (no `_metadata`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaRead {
+    pub table_url: String,
+    pub kind: DeltaReadKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaReadKind {
+    /// The change data feed of versions `start..=end`.
+    Changes { start: u64, end: u64 },
+    /// The table's snapshot at `version`.
+    Snapshot { version: u64 },
+}
+
+/// A merge of the task's output into the table as of `target_version`
+/// (`None`: the table does not exist yet). The coordinator commits the
+/// result only on that very version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeTask {
+    pub spec: MergeSpec,
+    pub target_version: Option<u64>,
+}
+
+/// What a merge did, by row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeCounts {
+    pub inserted: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    /// Changes older than the row the table holds, and deletes of absent keys.
+    pub ignored: u64,
+    /// Target files read to find the batch's keys, and files rewritten.
+    pub files_scanned: u64,
+    pub files_rewritten: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -65,6 +110,11 @@ pub struct TaskResult {
     pub files: u64,
     pub bytes_read: u64,
     pub worker: String,
+    /// Delta `Remove` actions (a merge's rewritten files), as JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removes: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeCounts>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

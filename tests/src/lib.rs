@@ -2,6 +2,7 @@
 //! generator ([`invoices`]) and a harness that runs the real `sluice` binary in
 //! a scratch folder and reads Delta tables back ([`harness`]).
 
+pub mod changes;
 pub mod cluster;
 pub mod harness;
 pub mod invoices;

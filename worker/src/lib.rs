@@ -14,9 +14,11 @@
 #[cfg(feature = "cluster")]
 pub mod cluster_cli;
 pub mod conform;
+pub mod delta_source;
 pub mod error;
 pub mod failpoint;
 pub mod formats;
+pub mod merge;
 pub mod metadata;
 pub mod storage;
 pub mod task_runner;

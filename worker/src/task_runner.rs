@@ -14,14 +14,16 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use sluice_proto::task::{TaskResult, TaskSpec};
+use sluice_proto::task::{DeltaRead, MergeCounts, TaskResult, TaskSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::conform::conform_batch;
+use crate::delta_source;
 use crate::error::{ReadError, WorkerError};
 use crate::failpoint;
 use crate::formats::FileDecoder;
+use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
 use crate::storage::{ensure_local_dir, parse_url};
 use crate::transform;
@@ -42,11 +44,22 @@ enum ReadEnd {
 
 pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken) -> Result<TaskResult, WorkerError> {
     let file_schema: SchemaRef = Arc::new(task.source_schema.clone());
-    let relation_schema = with_metadata_field(&file_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
     let table_schema: SchemaRef = Arc::new(task.table_schema.clone());
 
     let (sender, receiver) = mpsc::channel(4);
-    let reader = tokio::spawn(read_files(task.clone(), file_schema, relation_schema.clone(), sender, cancel.clone()));
+    let (reader, relation_schema) = match &task.delta_read {
+        Some(read) => {
+            let relation_schema = file_schema.clone();
+            let reader = tokio::spawn(read_delta(read.clone(), relation_schema.clone(), sender, cancel.clone()));
+            (reader, relation_schema)
+        }
+        None => {
+            let relation_schema = with_metadata_field(&file_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
+            let reader =
+                tokio::spawn(read_files(task.clone(), file_schema, relation_schema.clone(), sender, cancel.clone()));
+            (reader, relation_schema)
+        }
+    };
     let written = write_output(task, relation_schema, receiver, &table_schema).await;
     let read_end = reader.await.unwrap_or_else(|e| {
         ReadEnd::Failed(ReadError {
@@ -63,15 +76,93 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
-        (ReadEnd::Done { bytes, files }, Ok((adds, rows))) => {
-            let adds = adds
+        (ReadEnd::Done { bytes, files }, Ok(written)) => {
+            let encode_error = |e: serde_json::Error| WorkerError::Schema(format!("cannot encode an action: {e}"));
+            let adds =
+                written.adds.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>().map_err(encode_error)?;
+            let removes = written
+                .removes
                 .iter()
                 .map(serde_json::to_value)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| WorkerError::Schema(format!("cannot encode an add action: {e}")))?;
-            Ok(TaskResult { adds, rows, files, bytes_read: bytes, worker: worker.to_string() })
+                .map_err(encode_error)?;
+            Ok(TaskResult {
+                adds,
+                removes,
+                rows: written.rows,
+                files,
+                bytes_read: bytes,
+                worker: worker.to_string(),
+                merge: written.merge,
+            })
         }
     }
+}
+
+/// Streams a Delta table's change feed or snapshot, shaped as the relation.
+async fn read_delta(
+    read: DeltaRead,
+    relation_schema: SchemaRef,
+    sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
+    cancel: CancellationToken,
+) -> ReadEnd {
+    let fail = |error: ReadError| async {
+        let message = error.to_string();
+        let _ = sender.send(Err(DataFusionError::Execution(message))).await;
+        ReadEnd::Failed(error)
+    };
+    let as_read_error = |error: WorkerError| match error {
+        WorkerError::Read(error) => error,
+        other => ReadError {
+            file: read.table_url.clone(),
+            line: None,
+            message: other.to_string(),
+            retryable: other.is_retryable(),
+        },
+    };
+    let url = match parse_url(&read.table_url) {
+        Ok(url) => url,
+        Err(e) => return fail(as_read_error(e)).await,
+    };
+    let mut stream = match delta_source::read(&url, read.kind).await {
+        Ok(stream) => stream,
+        Err(e) => return fail(as_read_error(e)).await,
+    };
+    let mut first_batch = true;
+    while let Some(batch) = stream.next().await {
+        if cancel.is_cancelled() {
+            return ReadEnd::Stopped;
+        }
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                let error = match e {
+                    DataFusionError::External(inner) => match inner.downcast::<deltalake::DeltaTableError>() {
+                        Ok(delta) => delta_source::explain(*delta),
+                        Err(inner) => inner.to_string(),
+                    },
+                    other => other.to_string(),
+                };
+                let retryable = !error.contains("vacuumed") && !error.contains("not enabled");
+                return fail(ReadError { file: read.table_url.clone(), line: None, message: error, retryable }).await;
+            }
+        };
+        let batch = match conform_batch(&batch, &relation_schema) {
+            Ok(batch) => batch,
+            Err(e) => {
+                let message = format!("a row of the source does not fit the flow's relation: {e}");
+                return fail(ReadError { file: read.table_url.clone(), line: None, message, retryable: false }).await;
+            }
+        };
+        if sender.send(Ok(batch)).await.is_err() {
+            return ReadEnd::Stopped;
+        }
+        if first_batch {
+            first_batch = false;
+            failpoint::hit(failpoint::DURING_READ).await;
+        }
+    }
+    ReadEnd::Done { bytes: 0, files: 0 }
 }
 
 async fn read_files(
@@ -127,15 +218,32 @@ async fn read_files(
     ReadEnd::Done { bytes, files: task.files.len() as u64 }
 }
 
+/// What a task wrote.
+struct Written {
+    adds: Vec<deltalake::kernel::Add>,
+    removes: Vec<deltalake::kernel::Remove>,
+    rows: u64,
+    merge: Option<MergeCounts>,
+}
+
 async fn write_output(
     task: &TaskSpec,
     relation_schema: SchemaRef,
     receiver: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
     table_schema: &SchemaRef,
-) -> Result<(Vec<deltalake::kernel::Add>, u64), WorkerError> {
+) -> Result<Written, WorkerError> {
     let mut stream = transform::execute(relation_schema, receiver, task.transform.as_deref()).await?;
     let table_url = parse_url(&task.table_url)?;
     ensure_local_dir(&table_url)?;
+    if let Some(merge) = &task.merge {
+        let output = merge_changes(&merge.spec, &table_url, merge.target_version, stream, table_schema).await?;
+        return Ok(Written {
+            adds: output.adds,
+            removes: output.removes,
+            rows: output.rows_written,
+            merge: Some(output.counts),
+        });
+    }
     let table = DeltaTableBuilder::from_url(table_url)?.build()?;
     let config = WriterConfig::new(
         table_schema.clone(),
@@ -148,7 +256,7 @@ async fn write_output(
     );
     let mut writer = DeltaWriter::new(table.object_store(), config);
     match drain(&mut stream, &mut writer, table_schema).await {
-        Ok(rows) => Ok((writer.close().await?, rows)),
+        Ok(rows) => Ok(Written { adds: writer.close().await?, removes: Vec::new(), rows, merge: None }),
         Err(error) => {
             // Files already closed stay behind unreferenced; the table never sees them.
             let _ = writer.abort().await;

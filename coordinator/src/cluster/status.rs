@@ -105,6 +105,12 @@ pub fn apply(status: &mut PipelineStatus, event: &ProgressEvent) -> bool {
             }
             true
         }
+        ProgressEvent::FlowSkipped { flow: name, upstream } => {
+            if let Some(i) = flow(status, name) {
+                status.flows[i].last_error = format!("not run: `{upstream}`, which it reads from, failed");
+            }
+            true
+        }
         ProgressEvent::Waiting { .. } => {
             status.state = PipelineState::Waiting as i32;
             true

@@ -1,0 +1,303 @@
+//! Runs a flow whose source is a Delta table: its change data feed
+//! (`delta_changes`) or its snapshot (`delta`).
+//!
+//! Such a flow keeps no state of its own. Its progress is the txn version in
+//! the target table, which is the last source version consumed: a batch of
+//! versions `start..=end` is committed with txn version `end`, atomically with
+//! its data, so the position can never drift from the table. A batch is
+//! committed only if the txn still holds the version it follows, so two runs
+//! racing on the same flow cannot both consume a range.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use deltalake::DeltaTable;
+use sluice_proto::spec::{DeltaChangesSource, DeltaSnapshotSource, SinkMode, SourceSpec, TableRef};
+use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec};
+use sluice_worker::delta_source::{explain, relation_schema};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::commit::{committed_batch, load_table};
+use crate::error::CoordinatorError;
+use crate::flow_runner::{BatchWork, FlowContext, commit_info};
+use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
+
+pub struct DeltaFlowRunner {
+    ctx: FlowContext,
+    source: DeltaSource,
+}
+
+#[derive(Clone)]
+enum DeltaSource {
+    Changes(DeltaChangesSource),
+    Snapshot(DeltaSnapshotSource),
+}
+
+impl DeltaSource {
+    fn table(&self) -> &TableRef {
+        match self {
+            DeltaSource::Changes(s) => &s.table,
+            DeltaSource::Snapshot(s) => &s.table,
+        }
+    }
+}
+
+/// One batch: what to read and the txn version it ends at.
+struct Planned {
+    kind: DeltaReadKind,
+    batch: u64,
+}
+
+impl DeltaFlowRunner {
+    /// `None` when the flow's source is not a Delta table.
+    pub fn new(ctx: FlowContext) -> Option<Self> {
+        let source = match &ctx.flow.source {
+            SourceSpec::DeltaChanges(s) => DeltaSource::Changes(s.clone()),
+            SourceSpec::Delta(s) => DeltaSource::Snapshot(s.clone()),
+            SourceSpec::Files(_) => return None,
+        };
+        Some(Self { ctx, source })
+    }
+
+    fn flow(&self) -> &str {
+        &self.ctx.flow.name
+    }
+
+    fn source_error(&self, message: String) -> CoordinatorError {
+        CoordinatorError::Source { flow: self.flow().to_string(), table: self.source.table().url.to_string(), message }
+    }
+
+    pub async fn run_until_caught_up(
+        &mut self,
+        cancel: &CancellationToken,
+        summary: &mut FlowSummary,
+    ) -> Result<(), CoordinatorError> {
+        while !cancel.is_cancelled() {
+            let Some(source) = self.open_source().await? else { break };
+            let target = self.ctx.target().await?;
+            let committed = match &target {
+                Some(table) => committed_batch(table, &self.ctx.flow.app_id(&self.ctx.pipeline))
+                    .await
+                    .map_err(|e| self.ctx.delta_error(e))?,
+                None => None,
+            };
+            let Some(planned) = self.plan(&source, committed).await? else { break };
+            let report = self.run_batch(&source, target.as_ref(), committed, &planned).await?;
+            summary.add(&report);
+            self.ctx.progress.send(ProgressEvent::BatchCommitted(report));
+        }
+        self.ctx.progress.send(ProgressEvent::FlowCaughtUp { flow: self.flow().to_string() });
+        Ok(())
+    }
+
+    /// The source table, or `None` when it is another flow's sink that does not exist yet.
+    async fn open_source(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
+        let table = self.source.table();
+        let loaded = load_table(&table.url).await.map_err(|e| self.source_error(e.to_string()))?;
+        match (loaded, &table.upstream) {
+            (Some(source), _) => Ok(Some(source)),
+            (None, Some(upstream)) => {
+                info!(flow = self.flow(), upstream, "the upstream flow has not written its table yet; nothing to read");
+                Ok(None)
+            }
+            (None, None) => Err(self.source_error("there is no Delta table here".to_string())),
+        }
+    }
+
+    /// The next batch, or `None` when the flow is caught up.
+    async fn plan(&self, source: &DeltaTable, committed: Option<u64>) -> Result<Option<Planned>, CoordinatorError> {
+        let latest = source.version().unwrap_or(0);
+        match &self.source {
+            DeltaSource::Snapshot(spec) => {
+                let version = spec.version.unwrap_or(latest);
+                if version > latest {
+                    return Err(self.source_error(format!(
+                        "`version: {version}` does not exist yet; the table's latest version is {latest}"
+                    )));
+                }
+                if committed.is_some_and(|c| c >= version) {
+                    return Ok(None);
+                }
+                Ok(Some(Planned { kind: DeltaReadKind::Snapshot { version }, batch: version }))
+            }
+            DeltaSource::Changes(spec) => {
+                let start = match committed {
+                    Some(last) => last + 1,
+                    None => self.first_version(source, spec, latest).await?,
+                };
+                if start > latest {
+                    return Ok(None);
+                }
+                self.check_change_feed(source, start).await?;
+                let most = spec.max_versions_per_batch.unwrap_or(u64::MAX);
+                let end = latest.min(start.saturating_add(most - 1));
+                Ok(Some(Planned { kind: DeltaReadKind::Changes { start, end }, batch: end }))
+            }
+        }
+    }
+
+    /// Where a flow that has consumed nothing yet starts reading.
+    async fn first_version(
+        &self,
+        source: &DeltaTable,
+        spec: &DeltaChangesSource,
+        latest: u64,
+    ) -> Result<u64, CoordinatorError> {
+        if let Some(version) = spec.starting_version {
+            return Ok(version);
+        }
+        let Some(since) = spec.starting_timestamp_ms else { return Ok(0) };
+        for version in 0..=latest {
+            let Some(bytes) =
+                source.log_store().read_commit_entry(version).await.map_err(|e| self.source_error(e.to_string()))?
+            else {
+                continue;
+            };
+            let committed_at = String::from_utf8_lossy(&bytes).lines().find_map(|line| {
+                let action: serde_json::Value = serde_json::from_str(line).ok()?;
+                let info = action.get("commitInfo")?;
+                info.get("inCommitTimestamp").or_else(|| info.get("timestamp"))?.as_i64()
+            });
+            if committed_at.is_some_and(|t| t >= since) {
+                return Ok(version);
+            }
+        }
+        Ok(latest + 1)
+    }
+
+    /// Fails with what to do when the feed cannot be read from `start`.
+    async fn check_change_feed(&self, source: &DeltaTable, start: u64) -> Result<(), CoordinatorError> {
+        let snapshot = source.snapshot().map_err(|e| self.source_error(e.to_string()))?;
+        let enabled = snapshot
+            .metadata()
+            .configuration()
+            .get("delta.enableChangeDataFeed")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if !enabled {
+            return Err(self.source_error(
+                "the change data feed is not enabled on this table: set the table property \
+                 `delta.enableChangeDataFeed = true` (changes committed from then on can be read), \
+                 or read the table whole with a `delta:` source"
+                    .to_string(),
+            ));
+        }
+        let entry = source.log_store().read_commit_entry(start).await.map_err(|e| self.source_error(e.to_string()))?;
+        if entry.is_none() {
+            return Err(self.source_error(explain(deltalake::DeltaTableError::InvalidVersion(start))));
+        }
+        Ok(())
+    }
+
+    async fn run_batch(
+        &self,
+        source: &DeltaTable,
+        target: Option<&DeltaTable>,
+        committed: Option<u64>,
+        planned: &Planned,
+    ) -> Result<BatchReport, CoordinatorError> {
+        let started = Instant::now();
+        let flow = self.flow().to_string();
+        let source_schema = source.snapshot().map_err(|e| self.source_error(e.to_string()))?.snapshot().arrow_schema();
+        let relation = relation_schema(&source_schema, planned.kind);
+        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target).await?;
+        let merge = self.ctx.merge_task(target);
+        // A merge needs all of a key's changes, an overwrite and a snapshot read the whole input: one task.
+        let ranges = match planned.kind {
+            DeltaReadKind::Changes { start, end } if merge.is_none() && self.ctx.flow.sink.mode == SinkMode::Append => {
+                split_versions(start, end, self.ctx.parallelism.load(Ordering::Relaxed))
+            }
+            kind => vec![kind],
+        };
+        let tasks: Vec<TaskSpec> = ranges
+            .into_iter()
+            .enumerate()
+            .map(|(index, kind)| TaskSpec {
+                id: TaskId {
+                    pipeline: self.ctx.pipeline.clone(),
+                    flow: flow.clone(),
+                    batch: planned.batch,
+                    index: index as u32,
+                },
+                attempt: 0,
+                files: Vec::new(),
+                format: sluice_proto::spec::Format::Parquet,
+                csv: Default::default(),
+                source_schema: relation.as_ref().clone(),
+                transform: self.ctx.flow.transform.clone(),
+                table_url: self.ctx.flow.sink.table.to_string(),
+                table_schema: table_schema.clone(),
+                partition_by: self.ctx.flow.sink.partition_by.clone(),
+                ingest_time_us: chrono::Utc::now().timestamp_micros(),
+                delta_read: Some(DeltaRead { table_url: self.source.table().url.to_string(), kind }),
+                merge: merge.clone(),
+            })
+            .collect();
+        let (first, last) = match planned.kind {
+            DeltaReadKind::Changes { start, end } => (start, end),
+            DeltaReadKind::Snapshot { version } => (version, version),
+        };
+        self.ctx.progress.send(ProgressEvent::BatchStarted {
+            flow: flow.clone(),
+            batch: planned.batch,
+            files: 0,
+            bytes: 0,
+            tasks: tasks.len(),
+            resumed: false,
+            source_versions: Some((first, last)),
+        });
+        info!(flow, batch = planned.batch, first, last, tasks = tasks.len(), "batch started");
+        let mut info = commit_info(&self.ctx.pipeline, &flow, planned.batch, 0, 0);
+        info.insert("sluice.source".to_string(), self.source.table().url.to_string().into());
+        info.insert("sluice.source.first_version".to_string(), first.into());
+        info.insert("sluice.source.last_version".to_string(), last.into());
+        let work =
+            BatchWork { batch: planned.batch, tasks, delta_schema, computed_on: None, follows: Some(committed), info };
+        let (version, rows) = self.ctx.execute_and_commit(work, target).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        info!(flow, batch = planned.batch, rows, version, seconds, "batch committed");
+        Ok(BatchReport {
+            flow,
+            batch: planned.batch,
+            files: 0,
+            rows,
+            bytes: 0,
+            seconds,
+            version,
+            source_versions: Some((first, last)),
+        })
+    }
+}
+
+/// Splits `start..=end` into at most `parts` contiguous ranges.
+fn split_versions(start: u64, end: u64, parts: usize) -> Vec<DeltaReadKind> {
+    let count = end - start + 1;
+    let parts = (parts.max(1) as u64).min(count);
+    let mut ranges = Vec::with_capacity(parts as usize);
+    let mut next = start;
+    for part in 0..parts {
+        let size = count / parts + u64::from(part < count % parts);
+        ranges.push(DeltaReadKind::Changes { start: next, end: next + size - 1 });
+        next += size;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_ranges_cover_the_batch_once() {
+        let ranges = split_versions(3, 12, 3);
+        assert_eq!(
+            ranges,
+            vec![
+                DeltaReadKind::Changes { start: 3, end: 6 },
+                DeltaReadKind::Changes { start: 7, end: 9 },
+                DeltaReadKind::Changes { start: 10, end: 12 },
+            ]
+        );
+        assert_eq!(split_versions(5, 5, 4), vec![DeltaReadKind::Changes { start: 5, end: 5 }]);
+    }
+}

@@ -1,0 +1,223 @@
+//! Silver and gold flows: a `merge` flow applying a real change data feed
+//! (written with deltalake's own operations) must leave the target equal to
+//! the source's latest snapshot, across micro-batches and SIGKILLs; a gold
+//! `overwrite` flow over a `delta` snapshot; errors for broken sources.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_tests::changes::{Change, Model, apply, create_source};
+use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_text, txn_versions};
+
+const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn merge_pipeline(max_versions: u32) -> String {
+    format!(
+        r#"
+pipeline: silver
+checkpoint: ./lake/_checkpoints/silver
+flows:
+  - name: customers_silver
+    source:
+      delta_changes:
+        table: ./lake/source
+        max_versions_per_batch: {max_versions}
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: _commit_version
+      except_columns: [_change_type, _commit_timestamp]
+"#
+    )
+}
+
+fn model_rows(model: &Model) -> String {
+    model.rows.iter().map(|(id, amount)| format!("{id}:{amount}")).collect::<Vec<_>>().join(",")
+}
+
+fn target_rows(table: &Path) -> String {
+    let text = query_text(
+        table,
+        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(amount AS VARCHAR), ',' ORDER BY id) AS r FROM t"#,
+    );
+    text.lines().nth(3).unwrap_or_default().trim_matches(|c| c == '|' || c == ' ').to_string()
+}
+
+#[test]
+fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    let silver = sandbox.path("lake/silver");
+    create_source(&source, true);
+    sandbox.pipeline(&merge_pipeline(3));
+    let mut model = Model::default();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let failpoints = ["before_commit", "after_commit", "during_read", ""];
+    for (round, failpoint) in failpoints.iter().enumerate() {
+        let changes: Vec<Change> = (0..8).map(|_| model.random_change(&mut rng)).collect();
+        apply(&source, &changes);
+        if !failpoint.is_empty() {
+            kill_hard(sandbox.run_until_failpoint(failpoint, FAILPOINT_TIMEOUT));
+        }
+        let summary = sandbox.run_ok();
+        assert!(summary["flows"][0]["batches"].as_u64().unwrap() >= 1, "round {round}: {summary}");
+        assert_eq!(target_rows(&silver), model_rows(&model), "round {round} (after a kill at {failpoint:?})");
+    }
+    // Every batch's txn is the last source version it consumed, each exactly once.
+    let txns = txn_versions(&silver);
+    let mut sorted = txns.clone();
+    sorted.dedup();
+    assert_eq!(txns, sorted, "no batch committed twice: {txns:?}");
+    assert_eq!(*txns.last().unwrap(), 32, "the source's last version was consumed: {txns:?}");
+    // Nothing new: a run commits nothing.
+    let before = log_entries(&silver).len();
+    sandbox.run_ok();
+    assert_eq!(log_entries(&silver).len(), before);
+}
+
+#[test]
+fn out_of_order_and_duplicate_changes_keep_the_newest() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "landing/a.json",
+        concat!(
+            r#"{"id": 1, "v": "first", "seq": 1, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 1, "v": "third", "seq": 3, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 1, "v": "second", "seq": 2, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 2, "v": "kept", "seq": 5, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 2, "v": "kept", "seq": 5, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 3, "v": "gone", "seq": 1, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 3, "v": "gone", "seq": 2, "op": "delete"}"#,
+            "\n",
+        ),
+    );
+    sandbox.pipeline(
+        r#"
+pipeline: cdc
+checkpoint: ./lake/_checkpoints/cdc
+flows:
+  - name: silver
+    source:
+      files: { path: ./landing, format: json, schema: "id BIGINT, v STRING, seq BIGINT, op STRING" }
+    transform: SELECT id, v, seq, op FROM source
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'delete'"
+      except_columns: [op]
+"#,
+    );
+    sandbox.run_ok();
+    let silver = sandbox.path("lake/silver");
+    let rows = |table: &Path| query_text(table, "SELECT id, v, seq FROM t ORDER BY id");
+    let first = rows(&silver);
+    assert!(first.contains("| 1  | third | 3   |") && first.contains("| 2  | kept  | 5   |"), "{first}");
+    assert!(!first.contains("gone"), "{first}");
+    // A later batch with a stale change (older than the table's) and a newer one.
+    sandbox.write(
+        "landing/b.json",
+        concat!(
+            r#"{"id": 1, "v": "stale", "seq": 2, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 2, "v": "newer", "seq": 6, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 4, "v": "new", "seq": 1, "op": "upsert"}"#,
+            "\n",
+            r#"{"id": 9, "v": "never", "seq": 1, "op": "delete"}"#,
+            "\n",
+        ),
+    );
+    sandbox.run_ok();
+    let second = rows(&silver);
+    assert!(second.contains("| 1  | third | 3   |"), "a stale change is ignored:\n{second}");
+    assert!(second.contains("| 2  | newer | 6   |") && second.contains("| 4  | new   | 1   |"), "{second}");
+    assert_eq!(second.lines().filter(|l| l.starts_with("| ")).count(), 4, "{second}");
+    let last = log_entries(&silver).last().cloned().unwrap();
+    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    assert_eq!(info["sluice.merge.ignored"], 2, "{info}");
+    assert_eq!(info["sluice.merge.inserted"], 1, "{info}");
+    assert_eq!(info["sluice.merge.updated"], 1, "{info}");
+}
+
+#[test]
+fn a_batch_that_changes_nothing_still_records_its_progress() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    create_source(&source, true);
+    apply(&source, &[Change::Insert(vec![(1, 10)])]);
+    sandbox.pipeline(&merge_pipeline(100));
+    sandbox.run_ok();
+    // Deleting an id that was never there changes nothing in the target.
+    apply(&source, &[Change::Insert(vec![(2, 20)]), Change::Delete(vec![2])]);
+    sandbox.run_ok();
+    let silver = sandbox.path("lake/silver");
+    assert_eq!(txn_versions(&silver), vec![1, 3], "the no-op batch's txn is committed");
+    assert_eq!(target_rows(&silver), "1:10");
+}
+
+#[test]
+fn gold_overwrite_follows_silver_in_one_pipeline() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    create_source(&source, true);
+    apply(&source, &[Change::Insert(vec![(1, 10), (2, 20), (3, 30)]), Change::Update(vec![1], 15)]);
+    let pipeline = merge_pipeline(100).replace("pipeline: silver", "pipeline: medallion")
+        + r#"
+  - name: totals_gold
+    source:
+      delta: { table: "flow:customers_silver" }
+    transform: SELECT count(*) AS customers, sum(amount) AS total FROM source
+    sink:
+      table: ./lake/gold
+      mode: overwrite
+"#;
+    sandbox.pipeline(&pipeline);
+    sandbox.run_ok();
+    let gold = sandbox.path("lake/gold");
+    let text = query_text(&gold, "SELECT customers, total FROM t");
+    assert!(text.contains("| 3         | 65    |"), "{text}");
+    // Nothing new upstream: gold is not rewritten.
+    let versions = log_entries(&gold).len();
+    sandbox.run_ok();
+    assert_eq!(log_entries(&gold).len(), versions);
+    apply(&source, &[Change::Delete(vec![3])]);
+    sandbox.run_ok();
+    let text = query_text(&gold, "SELECT customers, total FROM t");
+    assert!(text.contains("| 2         | 35    |"), "{text}");
+}
+
+#[test]
+fn broken_sources_say_what_is_wrong_and_stop_their_dependents() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    create_source(&source, false);
+    apply(&source, &[Change::Insert(vec![(1, 10)])]);
+    let pipeline = merge_pipeline(100)
+        + r#"
+  - name: gold
+    source:
+      delta: { table: "flow:customers_silver" }
+    sink: { table: ./lake/gold, mode: overwrite }
+"#;
+    sandbox.pipeline(&pipeline);
+    let output = sandbox.run();
+    assert_ne!(output.code, Some(0));
+    assert!(
+        output.stderr.contains("change data feed is not enabled")
+            && output.stderr.contains("delta.enableChangeDataFeed"),
+        "{}",
+        output.stderr
+    );
+    assert!(output.stderr.contains("did not run: gold"), "{}", output.stderr);
+}

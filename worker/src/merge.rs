@@ -1,0 +1,440 @@
+//! Applies a batch of changes to a Delta table by key (SCD type 1): the data
+//! files to write and the files they replace. Nothing is committed here; the
+//! coordinator commits the result on the very table version it was computed
+//! from.
+//!
+//! 1. The batch is resolved to one change per key: `update_preimage` rows are
+//!    dropped, `delete_when` marks deletes, and the change with the highest
+//!    `sequence_by` wins (the later one in the feed on a tie).
+//! 2. Only the target files whose statistics say they may hold one of the
+//!    batch's keys are read, and only their key and sequence columns. A change
+//!    older than the row the table holds is ignored.
+//! 3. Files holding a key that changes are rewritten without those rows; the
+//!    winning upserts are written, sorted by key, as new files.
+//!
+//! So the cost follows the changes: files no key falls into are never opened.
+
+// `ParquetObjectReader` is deprecated in parquet 59 (see formats.rs).
+#![allow(deprecated)]
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt64Array};
+use arrow::compute::{cast, concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+use datafusion::datasource::MemTable;
+use datafusion::execution::SendableRecordBatchStream;
+use delta_kernel::table_properties::DataSkippingNumIndexedCols;
+use deltalake::DeltaTable;
+use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
+use deltalake::kernel::{Add, Remove};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
+use object_store::path::Path as StorePath;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::async_reader::ParquetObjectReader;
+use sluice_proto::spec::MergeSpec;
+use sluice_proto::task::MergeCounts;
+use url::Url;
+
+use crate::conform::conform_batch;
+use crate::delta_source::{CHANGE_TYPE, open_table};
+use crate::error::WorkerError;
+use crate::task_runner::TARGET_FILE_SIZE;
+use crate::transform::{session_context, sql_options};
+
+const ORDINAL: &str = "__sluice_ordinal";
+const DELETE: &str = "__sluice_delete";
+const RANK: &str = "__sluice_rank";
+
+/// Target files read at a time.
+const READ_CONCURRENCY: usize = 4;
+
+pub struct MergeOutput {
+    pub adds: Vec<Add>,
+    pub removes: Vec<Remove>,
+    pub counts: MergeCounts,
+    /// Rows written: the batch's upserts plus the rows kept from rewritten files.
+    pub rows_written: u64,
+}
+
+fn transform_error(error: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Transform(error.to_string())
+}
+
+fn merge_error(message: impl Into<String>) -> WorkerError {
+    WorkerError::Schema(message.into())
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+/// The columns of the flow's output that the table does not keep.
+pub fn is_dropped_column(spec: &MergeSpec, name: &str) -> bool {
+    spec.except_columns.iter().any(|c| c == name)
+}
+
+/// Merges the changes on `changes` into the table at `table_url` as of
+/// `target_version` (`None`: no table yet, every upsert is an insert).
+pub async fn merge_changes(
+    spec: &MergeSpec,
+    table_url: &Url,
+    target_version: Option<u64>,
+    changes: SendableRecordBatchStream,
+    table_schema: &SchemaRef,
+) -> Result<MergeOutput, WorkerError> {
+    let resolved = resolve(spec, changes).await?;
+    let mut counts = MergeCounts::default();
+    let key_columns = key_arrays(&resolved, &spec.keys)?;
+    let converter = RowConverter::new(key_columns.iter().map(|c| SortField::new(c.data_type().clone())).collect())
+        .map_err(transform_error)?;
+    let key_rows = converter.convert_columns(&key_columns).map_err(transform_error)?;
+    let index: HashMap<Box<[u8]>, usize> =
+        key_rows.iter().enumerate().map(|(i, row)| (Box::from(row.as_ref()), i)).collect();
+    let deletes =
+        resolved.column_by_name(DELETE).map(|c| c.as_boolean().clone()).ok_or_else(|| merge_error("no delete flag"))?;
+    let sequence = resolved
+        .column_by_name(&spec.sequence_by)
+        .cloned()
+        .ok_or_else(|| merge_error(format!("the flow's output has no column `{}` (sequence_by)", spec.sequence_by)))?;
+
+    let table = match target_version {
+        Some(version) => Some(open_table(table_url, Some(version)).await?),
+        None => None,
+    };
+    let store = match &table {
+        Some(table) => table.object_store(),
+        None => deltalake::DeltaTableBuilder::from_url(table_url.clone())?.build()?.object_store(),
+    };
+
+    // Which target rows hold a key of the batch, and which changes are stale.
+    let mut stale: HashSet<usize> = HashSet::new();
+    let mut matched: HashSet<usize> = HashSet::new();
+    let mut to_rewrite: Vec<TargetFile> = Vec::new();
+    if let Some(table) = &table {
+        let candidates = candidate_files(table, &spec.keys[0], &key_columns[0]).await?;
+        counts.files_scanned = candidates.len() as u64;
+        let mut probe_columns: Vec<String> = spec.keys.clone();
+        probe_columns.push(spec.sequence_by.clone());
+        let probes = futures::stream::iter(candidates.into_iter().map(|file| {
+            let store = store.clone();
+            let columns = probe_columns.clone();
+            async move {
+                let batches = read_file(&store, &file, Some(&columns)).await?;
+                Ok::<_, WorkerError>((file, batches))
+            }
+        }))
+        .buffer_unordered(READ_CONCURRENCY);
+        futures::pin_mut!(probes);
+        let mut touched: Vec<(TargetFile, Vec<usize>)> = Vec::new();
+        while let Some(probe) = probes.next().await {
+            let (file, batches) = probe?;
+            let mut hits: Vec<usize> = Vec::new();
+            for batch in &batches {
+                let keys = conform_keys(batch, &spec.keys, &key_columns)?;
+                let rows = converter.convert_columns(&keys).map_err(transform_error)?;
+                let target_sequence = batch.column_by_name(&spec.sequence_by).cloned();
+                for (row_index, row) in rows.iter().enumerate() {
+                    let Some(&change) = index.get(row.as_ref()) else { continue };
+                    hits.push(change);
+                    if let Some(target_sequence) = &target_sequence
+                        && newer(target_sequence, row_index, &sequence, change)?
+                    {
+                        stale.insert(change);
+                    }
+                }
+            }
+            if !hits.is_empty() {
+                touched.push((file, hits));
+            }
+        }
+        for (file, hits) in touched {
+            matched.extend(hits.iter().copied());
+            if hits.iter().any(|change| !stale.contains(change)) {
+                to_rewrite.push(file);
+            }
+        }
+    }
+
+    // Counts by change.
+    for change in 0..resolved.num_rows() {
+        let delete = deletes.value(change);
+        match (stale.contains(&change), matched.contains(&change), delete) {
+            (true, _, _) | (false, false, true) => counts.ignored += 1,
+            (false, true, true) => counts.deleted += 1,
+            (false, true, false) => counts.updated += 1,
+            (false, false, false) => counts.inserted += 1,
+        }
+    }
+    counts.files_rewritten = to_rewrite.len() as u64;
+
+    // The rows to write: the upserts, then what stays of the rewritten files.
+    let keep_upsert: BooleanArray =
+        (0..resolved.num_rows()).map(|i| Some(!deletes.value(i) && !stale.contains(&i))).collect();
+    let upserts = filter_record_batch(&resolved, &keep_upsert).map_err(transform_error)?;
+    let upserts = conform_batch(&upserts, table_schema).map_err(|e| merge_error(e.to_string()))?;
+    let replaced: HashSet<&[u8]> =
+        index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| row.as_ref()).collect();
+
+    let mut writer = new_writer(store.clone(), table_schema);
+    let mut rows_written = 0u64;
+    if upserts.num_rows() > 0 {
+        rows_written += upserts.num_rows() as u64;
+        writer.write(&upserts).await?;
+    }
+    let mut removes: Vec<Remove> = Vec::with_capacity(to_rewrite.len());
+    let mut rewrites = futures::stream::iter(to_rewrite.into_iter().map(|file| {
+        let store = store.clone();
+        async move {
+            let batches = read_file(&store, &file, None).await?;
+            Ok::<_, WorkerError>((file, batches))
+        }
+    }))
+    .buffered(READ_CONCURRENCY);
+    while let Some(rewrite) = rewrites.next().await {
+        let (file, batches) = rewrite?;
+        for batch in batches {
+            let keys = conform_keys(&batch, &spec.keys, &key_columns)?;
+            let rows = converter.convert_columns(&keys).map_err(transform_error)?;
+            let keep: BooleanArray = rows.iter().map(|row| Some(!replaced.contains(row.as_ref()))).collect();
+            let kept = filter_record_batch(&batch, &keep).map_err(transform_error)?;
+            if kept.num_rows() == 0 {
+                continue;
+            }
+            let kept = conform_batch(&kept, table_schema).map_err(|e| merge_error(e.to_string()))?;
+            rows_written += kept.num_rows() as u64;
+            writer.write(&kept).await?;
+        }
+        removes.push(file.remove);
+    }
+    let adds = writer.close().await?;
+    Ok(MergeOutput { adds, removes, counts, rows_written })
+}
+
+fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWriter {
+    let config = WriterConfig::new(
+        table_schema.clone(),
+        Vec::new(),
+        None,
+        NonZeroU64::new(TARGET_FILE_SIZE),
+        None,
+        DataSkippingNumIndexedCols::NumColumns(32),
+        None,
+    );
+    DeltaWriter::new(store, config)
+}
+
+/// One change per key, with a `__sluice_delete` flag, sorted by key.
+async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<RecordBatch, WorkerError> {
+    let schema = changes.schema();
+    for column in spec.keys.iter().chain([&spec.sequence_by]) {
+        if schema.field_with_name(column).is_err() {
+            return Err(merge_error(format!(
+                "the merge needs column `{column}`, which the flow's output does not have; it has: {}",
+                schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(ORDINAL, DataType::UInt64, false));
+    let with_ordinal = Arc::new(Schema::new(fields));
+    let mut batches = Vec::new();
+    let mut next = 0u64;
+    while let Some(batch) = changes.next().await {
+        let batch = batch.map_err(transform_error)?;
+        let rows = batch.num_rows() as u64;
+        let ordinal: ArrayRef = Arc::new(UInt64Array::from_iter_values(next..next + rows));
+        next += rows;
+        let mut columns = batch.columns().to_vec();
+        columns.push(ordinal);
+        batches.push(RecordBatch::try_new(with_ordinal.clone(), columns).map_err(transform_error)?);
+    }
+    let ctx = session_context();
+    let table = MemTable::try_new(with_ordinal.clone(), vec![batches]).map_err(transform_error)?;
+    ctx.register_table("changes", Arc::new(table)).map_err(transform_error)?;
+
+    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
+    let keys = keys.join(", ");
+    let delete = match &spec.delete_when {
+        Some(predicate) => format!("COALESCE(({predicate}), false)"),
+        None => "false".to_string(),
+    };
+    let preimage = if with_ordinal.field_with_name(CHANGE_TYPE).is_ok() {
+        format!("WHERE {} IS DISTINCT FROM 'update_preimage'", quote(CHANGE_TYPE))
+    } else {
+        String::new()
+    };
+    let null_keys: Vec<String> = spec.keys.iter().map(|k| format!("{} IS NULL", quote(k))).collect();
+    let null_check = format!("SELECT count(*) AS n FROM changes WHERE {}", null_keys.join(" OR "));
+    let frame = ctx.sql_with_options(&null_check, sql_options()).await.map_err(transform_error)?;
+    let nulls = frame.collect().await.map_err(transform_error)?;
+    let null_rows = nulls.first().map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0));
+    if null_rows > 0 {
+        return Err(merge_error(format!(
+            "{null_rows} change(s) have a NULL key ({}); a merge cannot place them",
+            spec.keys.join(", ")
+        )));
+    }
+    let sql = format!(
+        "SELECT * EXCEPT ({RANK}, {ORDINAL}) FROM (\
+           SELECT *, {delete} AS {DELETE}, \
+             ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {} DESC NULLS LAST, {ORDINAL} DESC) AS {RANK} \
+           FROM changes {preimage}\
+         ) WHERE {RANK} = 1 ORDER BY {keys}",
+        quote(&spec.sequence_by)
+    );
+    let frame = ctx.sql_with_options(&sql, sql_options()).await.map_err(|e| {
+        WorkerError::Transform(format!(
+            "resolving the batch's changes (is `delete_when` valid SQL over the flow's output?): {e}"
+        ))
+    })?;
+    let output_schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+    let batches = frame.collect().await.map_err(transform_error)?;
+    concat_batches(&output_schema, &batches).map_err(transform_error)
+}
+
+fn key_arrays(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>, WorkerError> {
+    keys.iter()
+        .map(|k| batch.column_by_name(k).cloned().ok_or_else(|| merge_error(format!("no key column `{k}`"))))
+        .collect()
+}
+
+/// The key columns of a target batch, cast to the changes' key types.
+fn conform_keys(batch: &RecordBatch, keys: &[String], like: &[ArrayRef]) -> Result<Vec<ArrayRef>, WorkerError> {
+    keys.iter()
+        .zip(like)
+        .map(|(key, like)| {
+            let column =
+                batch.column_by_name(key).ok_or_else(|| merge_error(format!("the table has no key column `{key}`")))?;
+            if column.data_type() == like.data_type() {
+                Ok(column.clone())
+            } else {
+                cast(column, like.data_type()).map_err(transform_error)
+            }
+        })
+        .collect()
+}
+
+/// Whether the target's sequence value at `row` is newer than the change's at `change`.
+fn newer(target: &ArrayRef, row: usize, changes: &ArrayRef, change: usize) -> Result<bool, WorkerError> {
+    if target.is_null(row) || changes.is_null(change) {
+        return Ok(false);
+    }
+    let target = target.slice(row, 1);
+    let change = changes.slice(change, 1);
+    let target = if target.data_type() == change.data_type() {
+        target
+    } else {
+        cast(&target, change.data_type()).map_err(transform_error)?
+    };
+    let newer = arrow::compute::kernels::cmp::gt(&target, &change).map_err(transform_error)?;
+    Ok(newer.value(0))
+}
+
+/// A data file of the target table.
+struct TargetFile {
+    path: StorePath,
+    size: u64,
+    remove: Remove,
+}
+
+/// The files whose statistics for the first key column may hold one of `keys`.
+async fn candidate_files(table: &DeltaTable, key: &str, keys: &ArrayRef) -> Result<Vec<TargetFile>, WorkerError> {
+    let bounds = KeyBounds::of(keys);
+    let snapshot = table.snapshot()?;
+    let files: Vec<_> = snapshot.snapshot().file_views(&table.log_store(), None).try_collect().await?;
+    let mut candidates = Vec::new();
+    for file in files {
+        let stats: Option<serde_json::Value> = file.stats().and_then(|s| serde_json::from_str(&s).ok());
+        let min = stats.as_ref().and_then(|s| s.get("minValues")).and_then(|m| m.get(key));
+        let max = stats.as_ref().and_then(|s| s.get("maxValues")).and_then(|m| m.get(key));
+        if let (Some(bounds), Some(min), Some(max)) = (&bounds, min, max)
+            && !bounds.any_within(min, max)
+        {
+            continue;
+        }
+        candidates.push(TargetFile {
+            path: file.object_store_path(),
+            size: file.size() as u64,
+            remove: file.remove_action(true),
+        });
+    }
+    Ok(candidates)
+}
+
+/// The batch's values of the first key, sorted, for range checks against file statistics.
+enum KeyBounds {
+    Int(Vec<i64>),
+    Text(Vec<String>),
+}
+
+impl KeyBounds {
+    fn of(keys: &ArrayRef) -> Option<Self> {
+        match keys.data_type() {
+            DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+                let keys = cast(keys, &DataType::Int64).ok()?;
+                let mut values: Vec<i64> = keys.as_primitive::<Int64Type>().iter().flatten().collect();
+                values.sort_unstable();
+                Some(KeyBounds::Int(values))
+            }
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                let keys = cast(keys, &DataType::Utf8).ok()?;
+                let mut values: Vec<String> = keys.as_string::<i32>().iter().flatten().map(str::to_string).collect();
+                values.sort_unstable();
+                Some(KeyBounds::Text(values))
+            }
+            _ => None,
+        }
+    }
+
+    /// False only when no value lies within `[min, max]` for sure. Delta may
+    /// truncate string statistics, so a string max is extended to cover that.
+    fn any_within(&self, min: &serde_json::Value, max: &serde_json::Value) -> bool {
+        match self {
+            KeyBounds::Int(values) => {
+                let (Some(min), Some(max)) = (min.as_i64(), max.as_i64()) else { return true };
+                let first = values.partition_point(|v| *v < min);
+                values.get(first).is_some_and(|v| *v <= max)
+            }
+            KeyBounds::Text(values) => {
+                let (Some(min), Some(max)) = (min.as_str(), max.as_str()) else { return true };
+                let first = values.partition_point(|v| v.as_str() < min);
+                values.get(first).is_some_and(|v| v.as_str() <= max || v.starts_with(max))
+            }
+        }
+    }
+}
+
+/// Reads a data file, all columns or only `columns`.
+async fn read_file(
+    store: &Arc<dyn ObjectStore>,
+    file: &TargetFile,
+    columns: Option<&[String]>,
+) -> Result<Vec<RecordBatch>, WorkerError> {
+    let reader = ParquetObjectReader::new(store.clone(), file.path.clone()).with_file_size(file.size);
+    let mut builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(read_failed(file))?;
+    if let Some(columns) = columns {
+        let schema = builder.schema().clone();
+        let indices: Vec<usize> = columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+        builder = builder.with_projection(mask);
+    }
+    let stream = builder.with_batch_size(64 * 1024).build().map_err(read_failed(file))?;
+    stream.try_collect().await.map_err(read_failed(file))
+}
+
+fn read_failed(file: &TargetFile) -> impl Fn(parquet::errors::ParquetError) -> WorkerError + '_ {
+    move |e| {
+        WorkerError::Read(crate::error::ReadError {
+            file: file.path.to_string(),
+            line: None,
+            message: format!("cannot read a data file of the target table: {e}"),
+            retryable: true,
+        })
+    }
+}
