@@ -221,3 +221,57 @@ fn broken_sources_say_what_is_wrong_and_stop_their_dependents() {
     );
     assert!(output.stderr.contains("did not run: gold"), "{}", output.stderr);
 }
+
+#[test]
+fn the_medallion_example_runs_and_a_second_run_does_only_the_new_work() {
+    let sandbox = Sandbox::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/retail-medallion");
+    sandbox.pipeline(&std::fs::read_to_string(example.join("pipeline.yaml")).unwrap());
+    for name in ["invoices-00000.json", "invoices-00001.json"] {
+        sandbox.write(
+            &format!("landing/invoices/{name}"),
+            std::fs::read(example.join("landing/invoices").join(name)).unwrap(),
+        );
+    }
+    sandbox.run_ok();
+    let silver = sandbox.path("lake/silver/invoices");
+    let gold = sandbox.path("lake/gold/daily_sales");
+    let lines = sandbox.path("lake/silver/line_items");
+    let invoices = |t: &Path| query_text(t, "SELECT count(*) AS n, sum(TotalAmount) AS total FROM t");
+    let before = invoices(&silver);
+    assert!(before.contains("| 40 "), "{before}");
+    // Gold agrees with silver.
+    let gold_total = query_text(&gold, "SELECT sum(Invoices) AS n, sum(TotalSales) AS total FROM t");
+    assert_eq!(gold_total, before);
+    let line_count = query_text(&lines, "SELECT count(*) FROM t");
+
+    // Nothing new: nothing committed anywhere.
+    let versions = |t: &Path| log_entries(t).len();
+    let counts = [versions(&silver), versions(&gold), versions(&lines)];
+    sandbox.run_ok();
+    assert_eq!([versions(&silver), versions(&gold), versions(&lines)], counts);
+
+    // Five new invoices and two corrections.
+    sandbox.write(
+        "landing/invoices/invoices-corrections.json",
+        std::fs::read(example.join("more/invoices-corrections.json")).unwrap(),
+    );
+    let summary = sandbox.run_ok();
+    assert_eq!(summary["flows"][0]["files"], 1, "{summary}");
+    let after = invoices(&silver);
+    assert!(after.contains("| 45 "), "{after}");
+    let cash = query_text(
+        &silver,
+        r#"SELECT count(*) FROM t WHERE "InvoiceNumber" IN ('1-0', '1-1') AND "PaymentMethod" = 'CASH'"#,
+    );
+    assert!(cash.contains("| 2 "), "the corrections replaced the invoices:\n{cash}");
+    let last = log_entries(&silver).last().cloned().unwrap();
+    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    assert_eq!(
+        (info["sluice.merge.inserted"].as_u64(), info["sluice.merge.updated"].as_u64()),
+        (Some(5), Some(2)),
+        "{info}"
+    );
+    assert_eq!(versions(&gold), counts[1] + 1, "gold recomputed once");
+    assert_ne!(query_text(&lines, "SELECT count(*) FROM t"), line_count);
+}

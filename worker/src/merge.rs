@@ -47,9 +47,7 @@ use crate::error::WorkerError;
 use crate::task_runner::TARGET_FILE_SIZE;
 use crate::transform::{session_context, sql_options};
 
-const ORDINAL: &str = "__sluice_ordinal";
 const DELETE: &str = "__sluice_delete";
-const RANK: &str = "__sluice_rank";
 
 /// Target files read at a time.
 const READ_CONCURRENCY: usize = 4;
@@ -68,10 +66,6 @@ fn transform_error(error: impl std::fmt::Display) -> WorkerError {
 
 fn merge_error(message: impl Into<String>) -> WorkerError {
     WorkerError::Schema(message.into())
-}
-
-fn quote(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
 /// The columns of the flow's output that the table does not keep.
@@ -230,6 +224,10 @@ fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWri
 }
 
 /// One change per key, with a `__sluice_delete` flag, sorted by key.
+///
+/// Done by hand rather than with a window query: keys and sequences are
+/// compared in Arrow's row format, one pass over the batch, which is several
+/// times faster than `ROW_NUMBER() OVER (PARTITION BY ..)` for this.
 async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<RecordBatch, WorkerError> {
     let schema = changes.schema();
     for column in spec.keys.iter().chain([&spec.sequence_by]) {
@@ -240,62 +238,85 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
             )));
         }
     }
-    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(ORDINAL, DataType::UInt64, false));
-    let with_ordinal = Arc::new(Schema::new(fields));
     let mut batches = Vec::new();
-    let mut next = 0u64;
     while let Some(batch) = changes.next().await {
-        let batch = batch.map_err(transform_error)?;
-        let rows = batch.num_rows() as u64;
-        let ordinal: ArrayRef = Arc::new(UInt64Array::from_iter_values(next..next + rows));
-        next += rows;
-        let mut columns = batch.columns().to_vec();
-        columns.push(ordinal);
-        batches.push(RecordBatch::try_new(with_ordinal.clone(), columns).map_err(transform_error)?);
+        batches.push(batch.map_err(transform_error)?);
     }
-    let ctx = session_context();
-    let table = MemTable::try_new(with_ordinal.clone(), vec![batches]).map_err(transform_error)?;
-    ctx.register_table("changes", Arc::new(table)).map_err(transform_error)?;
+    let all = concat_batches(&schema, &batches).map_err(transform_error)?;
+    drop(batches);
 
-    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
-    let keys = keys.join(", ");
-    let delete = match &spec.delete_when {
-        Some(predicate) => format!("COALESCE(({predicate}), false)"),
-        None => "false".to_string(),
-    };
-    let preimage = if with_ordinal.field_with_name(CHANGE_TYPE).is_ok() {
-        format!("WHERE {} IS DISTINCT FROM 'update_preimage'", quote(CHANGE_TYPE))
-    } else {
-        String::new()
-    };
-    let null_keys: Vec<String> = spec.keys.iter().map(|k| format!("{} IS NULL", quote(k))).collect();
-    let null_check = format!("SELECT count(*) AS n FROM changes WHERE {}", null_keys.join(" OR "));
-    let frame = ctx.sql_with_options(&null_check, sql_options()).await.map_err(transform_error)?;
-    let nulls = frame.collect().await.map_err(transform_error)?;
-    let null_rows = nulls.first().map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0));
-    if null_rows > 0 {
+    let keys = key_arrays(&all, &spec.keys)?;
+    let null_keys = keys.iter().map(|k| k.null_count()).max().unwrap_or(0);
+    if null_keys > 0 {
         return Err(merge_error(format!(
-            "{null_rows} change(s) have a NULL key ({}); a merge cannot place them",
+            "{null_keys} change(s) have a NULL key ({}); a merge cannot place them",
             spec.keys.join(", ")
         )));
     }
-    let sql = format!(
-        "SELECT * EXCEPT ({RANK}, {ORDINAL}) FROM (\
-           SELECT *, {delete} AS {DELETE}, \
-             ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {} DESC NULLS LAST, {ORDINAL} DESC) AS {RANK} \
-           FROM changes {preimage}\
-         ) WHERE {RANK} = 1 ORDER BY {keys}",
-        quote(&spec.sequence_by)
-    );
+    let deletes = delete_flags(spec, &all).await?;
+    let preimage: Option<Vec<bool>> = all.column_by_name(CHANGE_TYPE).map(|column| {
+        let text = cast(column, &DataType::Utf8).unwrap_or_else(|_| column.clone());
+        let text = text.as_string::<i32>();
+        (0..all.num_rows()).map(|i| text.is_valid(i) && text.value(i) == "update_preimage").collect()
+    });
+
+    let key_converter = RowConverter::new(keys.iter().map(|c| SortField::new(c.data_type().clone())).collect())
+        .map_err(transform_error)?;
+    let key_rows = key_converter.convert_columns(&keys).map_err(transform_error)?;
+    let sequence = all.column_by_name(&spec.sequence_by).cloned().ok_or_else(|| merge_error("no sequence column"))?;
+    let sequence_converter =
+        RowConverter::new(vec![SortField::new(sequence.data_type().clone())]).map_err(transform_error)?;
+    let sequence_rows = sequence_converter.convert_columns(&[sequence]).map_err(transform_error)?;
+
+    // For each key, the change with the highest sequence; the later one on a tie.
+    let mut best: HashMap<&[u8], usize> = HashMap::with_capacity(all.num_rows());
+    for row in 0..all.num_rows() {
+        if preimage.as_ref().is_some_and(|p| p[row]) {
+            continue;
+        }
+        best.entry(key_rows.row(row).data())
+            .and_modify(|current| {
+                if sequence_rows.row(row) >= sequence_rows.row(*current) {
+                    *current = row;
+                }
+            })
+            .or_insert(row);
+    }
+    let mut winners: Vec<(&[u8], usize)> = best.into_iter().collect();
+    winners.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let indices = UInt64Array::from_iter_values(winners.iter().map(|(_, row)| *row as u64));
+
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(DELETE, DataType::Boolean, false));
+    let mut columns: Vec<ArrayRef> = all
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &indices, None))
+        .collect::<Result<_, _>>()
+        .map_err(transform_error)?;
+    columns.push(arrow::compute::take(&deletes, &indices, None).map_err(transform_error)?);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(transform_error)
+}
+
+/// `delete_when` evaluated for every change (false where it is NULL).
+async fn delete_flags(spec: &MergeSpec, all: &RecordBatch) -> Result<ArrayRef, WorkerError> {
+    let Some(predicate) = &spec.delete_when else {
+        return Ok(Arc::new(BooleanArray::from(vec![false; all.num_rows()])));
+    };
+    let ctx = session_context();
+    let table = MemTable::try_new(all.schema(), vec![vec![all.clone()]]).map_err(transform_error)?;
+    ctx.register_table("changes", Arc::new(table)).map_err(transform_error)?;
+    let sql = format!("SELECT COALESCE(({predicate}), false) AS {DELETE} FROM changes");
     let frame = ctx.sql_with_options(&sql, sql_options()).await.map_err(|e| {
-        WorkerError::Transform(format!(
-            "resolving the batch's changes (is `delete_when` valid SQL over the flow's output?): {e}"
-        ))
+        WorkerError::Transform(format!("`delete_when` is not a valid predicate over the flow's output: {e}"))
     })?;
-    let output_schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
     let batches = frame.collect().await.map_err(transform_error)?;
-    concat_batches(&output_schema, &batches).map_err(transform_error)
+    let flags = concat_batches(&batches.first().map_or_else(|| Arc::new(Schema::empty()), |b| b.schema()), &batches)
+        .map_err(transform_error)?;
+    if flags.num_rows() != all.num_rows() || flags.num_columns() != 1 {
+        return Err(merge_error("`delete_when` did not give one value per change"));
+    }
+    cast(flags.column(0), &DataType::Boolean).map_err(transform_error)
 }
 
 fn key_arrays(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>, WorkerError> {
