@@ -391,23 +391,13 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
     for flow in &spec.flows {
         let source = match &flow.source {
             SourceSpec::Files(files) => files,
-            SourceSpec::DeltaChanges(changes) => {
+            SourceSpec::DeltaChanges(sluice_proto::spec::DeltaChangesSource { table, .. })
+            | SourceSpec::Delta(sluice_proto::spec::DeltaSnapshotSource { table, .. }) => {
+                let what = if matches!(flow.source, SourceSpec::Delta(_)) { "snapshot" } else { "change data feed" };
                 println!(
-                    "  {}: change data feed of {} -> {} ({:?}; txn app id {})",
+                    "  {}: {what} of {} -> {} ({:?}; txn app id {})",
                     flow.name,
-                    changes.table.url,
-                    flow.sink.table,
-                    flow.sink.mode,
-                    flow.app_id(&spec.name)
-                );
-                println!("    the transform is checked against the source table's schema when the flow runs");
-                continue;
-            }
-            SourceSpec::Delta(snapshot) => {
-                println!(
-                    "  {}: snapshot of {} -> {} ({:?}; txn app id {})",
-                    flow.name,
-                    snapshot.table.url,
+                    table.url,
                     flow.sink.table,
                     flow.sink.mode,
                     flow.app_id(&spec.name)

@@ -99,6 +99,12 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     }
 }
 
+/// Tells the transform the input failed, and ends reading with `error`.
+async fn fail_read(sender: &mpsc::Sender<Result<RecordBatch, DataFusionError>>, error: ReadError) -> ReadEnd {
+    let _ = sender.send(Err(DataFusionError::Execution(error.to_string()))).await;
+    ReadEnd::Failed(error)
+}
+
 /// Streams a Delta table's change feed or snapshot, shaped as the relation.
 async fn read_delta(
     read: DeltaRead,
@@ -106,11 +112,7 @@ async fn read_delta(
     sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
     cancel: CancellationToken,
 ) -> ReadEnd {
-    let fail = |error: ReadError| async {
-        let message = error.to_string();
-        let _ = sender.send(Err(DataFusionError::Execution(message))).await;
-        ReadEnd::Failed(error)
-    };
+    let fail = |error: ReadError| fail_read(&sender, error);
     let as_read_error = |error: WorkerError| match error {
         WorkerError::Read(error) => error,
         other => ReadError {
@@ -172,11 +174,7 @@ async fn read_files(
     sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
     cancel: CancellationToken,
 ) -> ReadEnd {
-    let fail = |error: ReadError| async {
-        let message = error.to_string();
-        let _ = sender.send(Err(DataFusionError::Execution(message))).await;
-        ReadEnd::Failed(error)
-    };
+    let fail = |error: ReadError| fail_read(&sender, error);
     let mut bytes = 0;
     let mut first_batch = true;
     for file in &task.files {
