@@ -23,6 +23,7 @@ use sluice_proto::task::{MergeTask, SourceFile, TaskId, TaskOutcome, TaskResult,
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::failpoint;
 use sluice_worker::formats::{InferLimits, infer_schema};
+use sluice_worker::merge::check_merge_columns;
 use sluice_worker::metadata::with_metadata_field;
 use sluice_worker::transform;
 use tokio_util::sync::CancellationToken;
@@ -453,14 +454,7 @@ impl FlowContext {
             .map_err(|source| CoordinatorError::Worker { flow: flow.clone(), source })?;
         let produced = match &self.flow.sink.merge {
             Some(merge) => {
-                for column in merge.keys.iter().chain([&merge.sequence_by]) {
-                    if produced.field_with_name(column).is_err() {
-                        return Err(schema_error(format!(
-                            "the merge needs column `{column}`, which the flow does not produce; it produces: {}",
-                            produced.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-                        )));
-                    }
-                }
+                check_merge_columns(merge, &produced).map_err(&schema_error)?;
                 let kept: Vec<_> =
                     produced.fields().iter().filter(|f| !merge.except_columns.contains(f.name())).cloned().collect();
                 Schema::new(kept)

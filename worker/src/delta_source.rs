@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
@@ -41,10 +42,34 @@ pub async fn open_table(url: &Url, version: Option<u64>) -> Result<DeltaTable, D
     builder.load().await
 }
 
-/// A read error about a source table: retryable unless the table's content says no.
 fn source_error(table: &Url, error: DeltaTableError) -> WorkerError {
-    let retryable = matches!(error, DeltaTableError::ObjectStore { .. } | DeltaTableError::Io { .. });
-    WorkerError::Read(ReadError { file: table.to_string(), line: None, message: explain(error), retryable })
+    WorkerError::Read(read_error(table.as_str(), error))
+}
+
+/// A read error about a source table. Retryable when storage failed on the
+/// way; not when the table itself says no (feed disabled, versions or data
+/// files gone), which fails the same way every time.
+pub fn read_error(table: &str, error: DeltaTableError) -> ReadError {
+    let retryable = match &error {
+        DeltaTableError::ObjectStore { source: object_store::Error::NotFound { .. } } => false,
+        DeltaTableError::ObjectStore { .. } | DeltaTableError::Io { .. } => true,
+        _ => false,
+    };
+    ReadError { file: table.to_string(), line: None, message: explain(error), retryable }
+}
+
+/// A source stream's error, explained where it comes from the table.
+pub fn stream_error(table: &str, error: DataFusionError) -> ReadError {
+    match error {
+        DataFusionError::External(inner) => match inner.downcast::<DeltaTableError>() {
+            Ok(delta) => read_error(table, *delta),
+            Err(inner) => {
+                ReadError { file: table.to_string(), line: None, message: inner.to_string(), retryable: true }
+            }
+        },
+        DataFusionError::ObjectStore(source) => read_error(table, DeltaTableError::ObjectStore { source: *source }),
+        other => ReadError { file: table.to_string(), line: None, message: other.to_string(), retryable: true },
+    }
 }
 
 /// Turns delta-rs' change-feed errors into what a user can act on.

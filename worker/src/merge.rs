@@ -24,7 +24,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::{cast, concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
-use arrow::row::{RowConverter, SortField};
+use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::datasource::MemTable;
 use datafusion::execution::SendableRecordBatchStream;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
@@ -68,11 +68,6 @@ fn merge_error(message: impl Into<String>) -> WorkerError {
     WorkerError::Schema(message.into())
 }
 
-/// The columns of the flow's output that the table does not keep.
-pub fn is_dropped_column(spec: &MergeSpec, name: &str) -> bool {
-    spec.except_columns.iter().any(|c| c == name)
-}
-
 /// Merges the changes on `changes` into the table at `table_url` as of
 /// `target_version` (`None`: no table yet, every upsert is an insert).
 pub async fn merge_changes(
@@ -82,20 +77,14 @@ pub async fn merge_changes(
     changes: SendableRecordBatchStream,
     table_schema: &SchemaRef,
 ) -> Result<MergeOutput, WorkerError> {
-    let resolved = resolve(spec, changes).await?;
+    let Resolved { batch: resolved, order, key_rows } = resolve(spec, changes).await?;
     let mut counts = MergeCounts::default();
-    let key_columns = key_arrays(&resolved, &spec.keys)?;
-    let converter = RowConverter::new(key_columns.iter().map(|c| SortField::new(c.data_type().clone())).collect())
-        .map_err(transform_error)?;
-    let key_rows = converter.convert_columns(&key_columns).map_err(transform_error)?;
-    let index: HashMap<Box<[u8]>, usize> =
-        key_rows.iter().enumerate().map(|(i, row)| (Box::from(row.as_ref()), i)).collect();
+    let index: HashMap<&[u8], usize> = key_rows.iter().enumerate().map(|(i, row)| (row.as_ref(), i)).collect();
     let deletes =
         resolved.column_by_name(DELETE).map(|c| c.as_boolean().clone()).ok_or_else(|| merge_error("no delete flag"))?;
-    let sequence = resolved
-        .column_by_name(&spec.sequence_by)
-        .cloned()
-        .ok_or_else(|| merge_error(format!("the flow's output has no column `{}` (sequence_by)", spec.sequence_by)))?;
+    let sequence = resolved.column_by_name(&spec.sequence_by).cloned().ok_or_else(|| merge_error("no sequence"))?;
+    let sequence_rows = order.sequence_rows(&sequence)?;
+    let first_key = resolved.column_by_name(&spec.keys[0]).cloned().ok_or_else(|| merge_error("no key"))?;
 
     let table = match target_version {
         Some(version) => Some(open_table(table_url, Some(version)).await?),
@@ -111,7 +100,7 @@ pub async fn merge_changes(
     let mut matched: HashSet<usize> = HashSet::new();
     let mut to_rewrite: Vec<TargetFile> = Vec::new();
     if let Some(table) = &table {
-        let candidates = candidate_files(table, &spec.keys[0], &key_columns[0]).await?;
+        let candidates = candidate_files(table, &spec.keys[0], &first_key).await?;
         counts.files_scanned = candidates.len() as u64;
         let mut probe_columns: Vec<String> = spec.keys.clone();
         probe_columns.push(spec.sequence_by.clone());
@@ -130,14 +119,19 @@ pub async fn merge_changes(
             let (file, batches) = probe?;
             let mut hits: Vec<usize> = Vec::new();
             for batch in &batches {
-                let keys = conform_keys(batch, &spec.keys, &key_columns)?;
-                let rows = converter.convert_columns(&keys).map_err(transform_error)?;
-                let target_sequence = batch.column_by_name(&spec.sequence_by).cloned();
+                let rows = order.key_rows(batch)?;
+                let target_sequence = match batch.column_by_name(&spec.sequence_by) {
+                    Some(column) => Some((column.clone(), order.sequence_rows(column)?)),
+                    None => None,
+                };
                 for (row_index, row) in rows.iter().enumerate() {
                     let Some(&change) = index.get(row.as_ref()) else { continue };
                     hits.push(change);
-                    if let Some(target_sequence) = &target_sequence
-                        && newer(target_sequence, row_index, &sequence, change)?
+                    // A NULL sequence on either side never makes a change stale.
+                    if let Some((column, target_rows)) = &target_sequence
+                        && column.is_valid(row_index)
+                        && sequence.is_valid(change)
+                        && target_rows.row(row_index) > sequence_rows.row(change)
                     {
                         stale.insert(change);
                     }
@@ -173,7 +167,7 @@ pub async fn merge_changes(
     let upserts = filter_record_batch(&resolved, &keep_upsert).map_err(transform_error)?;
     let upserts = conform_batch(&upserts, table_schema).map_err(|e| merge_error(e.to_string()))?;
     let replaced: HashSet<&[u8]> =
-        index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| row.as_ref()).collect();
+        index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| *row).collect();
 
     let mut writer = new_writer(store.clone(), table_schema);
     let mut rows_written = 0u64;
@@ -193,8 +187,7 @@ pub async fn merge_changes(
     while let Some(rewrite) = rewrites.next().await {
         let (file, batches) = rewrite?;
         for batch in batches {
-            let keys = conform_keys(&batch, &spec.keys, &key_columns)?;
-            let rows = converter.convert_columns(&keys).map_err(transform_error)?;
+            let rows = order.key_rows(&batch)?;
             let keep: BooleanArray = rows.iter().map(|row| Some(!replaced.contains(row.as_ref()))).collect();
             let kept = filter_record_batch(&batch, &keep).map_err(transform_error)?;
             if kept.num_rows() == 0 {
@@ -223,21 +216,92 @@ fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWri
     DeltaWriter::new(store, config)
 }
 
+/// The batch resolved to one change per key.
+struct Resolved {
+    /// The winning changes, sorted by key, with a `__sluice_delete` column.
+    batch: RecordBatch,
+    order: RowOrder,
+    /// The winners' keys in row format, in the order of `batch`.
+    key_rows: Vec<Box<[u8]>>,
+}
+
+/// Keys and sequences in Arrow's row format, where byte order is value order;
+/// a column of the table is cast to the changes' type first.
+struct RowOrder {
+    keys: Vec<String>,
+    key_types: Vec<DataType>,
+    key_converter: RowConverter,
+    sequence_type: DataType,
+    sequence_converter: RowConverter,
+}
+
+impl RowOrder {
+    fn new(spec: &MergeSpec, schema: &Schema) -> Result<Self, WorkerError> {
+        let type_of = |name: &str| {
+            schema.field_with_name(name).map(|f| f.data_type().clone()).map_err(|e| merge_error(e.to_string()))
+        };
+        let key_types: Vec<DataType> = spec.keys.iter().map(|k| type_of(k)).collect::<Result<_, _>>()?;
+        let sequence_type = type_of(&spec.sequence_by)?;
+        let converter = |types: &[DataType]| {
+            RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect()).map_err(transform_error)
+        };
+        Ok(Self {
+            keys: spec.keys.clone(),
+            key_converter: converter(&key_types)?,
+            key_types,
+            sequence_converter: converter(std::slice::from_ref(&sequence_type))?,
+            sequence_type,
+        })
+    }
+
+    fn cast_to(column: &ArrayRef, data_type: &DataType) -> Result<ArrayRef, WorkerError> {
+        if column.data_type() == data_type {
+            Ok(column.clone())
+        } else {
+            cast(column, data_type).map_err(transform_error)
+        }
+    }
+
+    /// The key of every row of `batch` (changes or a data file of the table).
+    fn key_rows(&self, batch: &RecordBatch) -> Result<Rows, WorkerError> {
+        let columns: Vec<ArrayRef> = self
+            .keys
+            .iter()
+            .zip(&self.key_types)
+            .map(|(key, data_type)| {
+                let column = batch.column_by_name(key).ok_or_else(|| merge_error(format!("no key column `{key}`")))?;
+                Self::cast_to(column, data_type)
+            })
+            .collect::<Result<_, _>>()?;
+        self.key_converter.convert_columns(&columns).map_err(transform_error)
+    }
+
+    fn sequence_rows(&self, column: &ArrayRef) -> Result<Rows, WorkerError> {
+        let column = Self::cast_to(column, &self.sequence_type)?;
+        self.sequence_converter.convert_columns(&[column]).map_err(transform_error)
+    }
+}
+
+/// Fails, naming the column, when `schema` lacks a column the merge needs.
+pub fn check_merge_columns(spec: &MergeSpec, schema: &Schema) -> Result<(), String> {
+    match spec.keys.iter().chain([&spec.sequence_by]).find(|c| schema.field_with_name(c).is_err()) {
+        None => Ok(()),
+        Some(column) => Err(format!(
+            "the merge needs column `{column}`, which the flow does not produce; it produces: {}",
+            schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// One change per key, with a `__sluice_delete` flag, sorted by key.
 ///
 /// Done by hand rather than with a window query: keys and sequences are
 /// compared in Arrow's row format, one pass over the batch, which is several
 /// times faster than `ROW_NUMBER() OVER (PARTITION BY ..)` for this.
-async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<RecordBatch, WorkerError> {
+async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<Resolved, WorkerError> {
     let schema = changes.schema();
-    for column in spec.keys.iter().chain([&spec.sequence_by]) {
-        if schema.field_with_name(column).is_err() {
-            return Err(merge_error(format!(
-                "the merge needs column `{column}`, which the flow's output does not have; it has: {}",
-                schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
+    check_merge_columns(spec, &schema).map_err(merge_error)?;
+    let order = RowOrder::new(spec, &schema)?;
     let mut batches = Vec::new();
     while let Some(batch) = changes.next().await {
         batches.push(batch.map_err(transform_error)?);
@@ -245,8 +309,7 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
     let all = concat_batches(&schema, &batches).map_err(transform_error)?;
     drop(batches);
 
-    let keys = key_arrays(&all, &spec.keys)?;
-    let null_keys = keys.iter().map(|k| k.null_count()).max().unwrap_or(0);
+    let null_keys = spec.keys.iter().filter_map(|k| all.column_by_name(k)).map(|c| c.null_count()).max().unwrap_or(0);
     if null_keys > 0 {
         return Err(merge_error(format!(
             "{null_keys} change(s) have a NULL key ({}); a merge cannot place them",
@@ -260,13 +323,9 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
         (0..all.num_rows()).map(|i| text.is_valid(i) && text.value(i) == "update_preimage").collect()
     });
 
-    let key_converter = RowConverter::new(keys.iter().map(|c| SortField::new(c.data_type().clone())).collect())
-        .map_err(transform_error)?;
-    let key_rows = key_converter.convert_columns(&keys).map_err(transform_error)?;
+    let key_rows = order.key_rows(&all)?;
     let sequence = all.column_by_name(&spec.sequence_by).cloned().ok_or_else(|| merge_error("no sequence column"))?;
-    let sequence_converter =
-        RowConverter::new(vec![SortField::new(sequence.data_type().clone())]).map_err(transform_error)?;
-    let sequence_rows = sequence_converter.convert_columns(&[sequence]).map_err(transform_error)?;
+    let sequence_rows = order.sequence_rows(&sequence)?;
 
     // For each key, the change with the highest sequence; the later one on a tie.
     let mut best: HashMap<&[u8], usize> = HashMap::with_capacity(all.num_rows());
@@ -295,7 +354,9 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
         .collect::<Result<_, _>>()
         .map_err(transform_error)?;
     columns.push(arrow::compute::take(&deletes, &indices, None).map_err(transform_error)?);
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(transform_error)
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(transform_error)?;
+    let key_rows = winners.into_iter().map(|(key, _)| Box::from(key)).collect();
+    Ok(Resolved { batch, order, key_rows })
 }
 
 /// `delete_when` evaluated for every change (false where it is NULL).
@@ -317,44 +378,6 @@ async fn delete_flags(spec: &MergeSpec, all: &RecordBatch) -> Result<ArrayRef, W
         return Err(merge_error("`delete_when` did not give one value per change"));
     }
     cast(flags.column(0), &DataType::Boolean).map_err(transform_error)
-}
-
-fn key_arrays(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>, WorkerError> {
-    keys.iter()
-        .map(|k| batch.column_by_name(k).cloned().ok_or_else(|| merge_error(format!("no key column `{k}`"))))
-        .collect()
-}
-
-/// The key columns of a target batch, cast to the changes' key types.
-fn conform_keys(batch: &RecordBatch, keys: &[String], like: &[ArrayRef]) -> Result<Vec<ArrayRef>, WorkerError> {
-    keys.iter()
-        .zip(like)
-        .map(|(key, like)| {
-            let column =
-                batch.column_by_name(key).ok_or_else(|| merge_error(format!("the table has no key column `{key}`")))?;
-            if column.data_type() == like.data_type() {
-                Ok(column.clone())
-            } else {
-                cast(column, like.data_type()).map_err(transform_error)
-            }
-        })
-        .collect()
-}
-
-/// Whether the target's sequence value at `row` is newer than the change's at `change`.
-fn newer(target: &ArrayRef, row: usize, changes: &ArrayRef, change: usize) -> Result<bool, WorkerError> {
-    if target.is_null(row) || changes.is_null(change) {
-        return Ok(false);
-    }
-    let target = target.slice(row, 1);
-    let change = changes.slice(change, 1);
-    let target = if target.data_type() == change.data_type() {
-        target
-    } else {
-        cast(&target, change.data_type()).map_err(transform_error)?
-    };
-    let newer = arrow::compute::kernels::cmp::gt(&target, &change).map_err(transform_error)?;
-    Ok(newer.value(0))
 }
 
 /// A data file of the target table.

@@ -137,17 +137,7 @@ async fn read_delta(
         }
         let batch = match batch {
             Ok(batch) => batch,
-            Err(e) => {
-                let error = match e {
-                    DataFusionError::External(inner) => match inner.downcast::<deltalake::DeltaTableError>() {
-                        Ok(delta) => delta_source::explain(*delta),
-                        Err(inner) => inner.to_string(),
-                    },
-                    other => other.to_string(),
-                };
-                let retryable = !error.contains("vacuumed") && !error.contains("not enabled");
-                return fail(ReadError { file: read.table_url.clone(), line: None, message: error, retryable }).await;
-            }
+            Err(e) => return fail(delta_source::stream_error(&read.table_url, e)).await,
         };
         let batch = match conform_batch(&batch, &relation_schema) {
             Ok(batch) => batch,
