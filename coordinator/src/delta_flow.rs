@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use deltalake::DeltaTable;
-use sluice_proto::spec::{DeltaChangesSource, DeltaSnapshotSource, SinkMode, SourceSpec, TableRef};
+use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef};
 use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec};
 use sluice_worker::delta_source::{explain, relation_schema};
 use tokio_util::sync::CancellationToken;
@@ -25,22 +25,8 @@ use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
 
 pub struct DeltaFlowRunner {
     ctx: FlowContext,
-    source: DeltaSource,
-}
-
-#[derive(Clone)]
-enum DeltaSource {
-    Changes(DeltaChangesSource),
-    Snapshot(DeltaSnapshotSource),
-}
-
-impl DeltaSource {
-    fn table(&self) -> &TableRef {
-        match self {
-            DeltaSource::Changes(s) => &s.table,
-            DeltaSource::Snapshot(s) => &s.table,
-        }
-    }
+    /// The source table (`ctx.flow.source`'s).
+    table: TableRef,
 }
 
 /// One batch: what to read and the txn version it ends at.
@@ -52,20 +38,16 @@ struct Planned {
 impl DeltaFlowRunner {
     /// `None` when the flow's source is not a Delta table.
     pub fn new(ctx: FlowContext) -> Option<Self> {
-        let source = match &ctx.flow.source {
-            SourceSpec::DeltaChanges(s) => DeltaSource::Changes(s.clone()),
-            SourceSpec::Delta(s) => DeltaSource::Snapshot(s.clone()),
-            SourceSpec::Files(_) => return None,
-        };
-        Some(Self { ctx, source })
+        let table = ctx.flow.source.table()?.clone();
+        Some(Self { ctx, table })
     }
 
     fn flow(&self) -> &str {
-        &self.ctx.flow.name
+        self.ctx.flow_name()
     }
 
     fn source_error(&self, message: String) -> CoordinatorError {
-        CoordinatorError::Source { flow: self.flow().to_string(), table: self.source.table().url.to_string(), message }
+        CoordinatorError::Source { flow: self.flow().to_string(), table: self.table.url.to_string(), message }
     }
 
     pub async fn run_until_caught_up(
@@ -93,7 +75,7 @@ impl DeltaFlowRunner {
 
     /// The source table, or `None` when it is another flow's sink that does not exist yet.
     async fn open_source(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
-        let table = self.source.table();
+        let table = &self.table;
         let loaded = load_table(&table.url).await.map_err(|e| self.source_error(e.to_string()))?;
         match (loaded, &table.upstream) {
             (Some(source), _) => Ok(Some(source)),
@@ -108,8 +90,10 @@ impl DeltaFlowRunner {
     /// The next batch, or `None` when the flow is caught up.
     async fn plan(&self, source: &DeltaTable, committed: Option<u64>) -> Result<Option<Planned>, CoordinatorError> {
         let latest = source.version().unwrap_or(0);
-        match &self.source {
-            DeltaSource::Snapshot(spec) => {
+        match &self.ctx.flow.source {
+            // `new` gives files flows no Delta runner.
+            SourceSpec::Files(_) => Ok(None),
+            SourceSpec::Delta(spec) => {
                 let version = spec.version.unwrap_or(latest);
                 if version > latest {
                     return Err(self.source_error(format!(
@@ -121,7 +105,7 @@ impl DeltaFlowRunner {
                 }
                 Ok(Some(Planned { kind: DeltaReadKind::Snapshot { version }, batch: version }))
             }
-            DeltaSource::Changes(spec) => {
+            SourceSpec::DeltaChanges(spec) => {
                 let start = match committed {
                     Some(last) => last + 1,
                     None => self.first_version(source, spec, latest).await?,
@@ -229,7 +213,7 @@ impl DeltaFlowRunner {
                 table_schema: table_schema.clone(),
                 partition_by: self.ctx.flow.sink.partition_by.clone(),
                 ingest_time_us: chrono::Utc::now().timestamp_micros(),
-                delta_read: Some(DeltaRead { table_url: self.source.table().url.to_string(), kind }),
+                delta_read: Some(DeltaRead { table_url: self.table.url.to_string(), kind }),
                 merge: merge.clone(),
             })
             .collect();
@@ -248,12 +232,11 @@ impl DeltaFlowRunner {
         });
         info!(flow, batch = planned.batch, first, last, tasks = tasks.len(), "batch started");
         let mut info = commit_info(&self.ctx.pipeline, &flow, planned.batch, 0, 0);
-        info.insert("sluice.source".to_string(), self.source.table().url.to_string().into());
+        info.insert("sluice.source".to_string(), self.table.url.to_string().into());
         info.insert("sluice.source.first_version".to_string(), first.into());
         info.insert("sluice.source.last_version".to_string(), last.into());
-        let work =
-            BatchWork { batch: planned.batch, tasks, delta_schema, computed_on: None, follows: Some(committed), info };
-        let (version, rows) = self.ctx.execute_and_commit(work, target).await?;
+        let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
+        let (version, rows) = self.ctx.execute_and_commit(work).await?;
         let seconds = started.elapsed().as_secs_f64();
         info!(flow, batch = planned.batch, rows, version, seconds, "batch committed");
         Ok(BatchReport {

@@ -99,11 +99,7 @@ impl FlowRunner {
     }
 
     fn flow(&self) -> &str {
-        &self.ctx.flow.name
-    }
-
-    fn delta_error(&self, source: deltalake::DeltaTableError) -> CoordinatorError {
-        CoordinatorError::Delta { flow: self.flow().to_string(), table: self.ctx.flow.sink.table.to_string(), source }
+        self.ctx.flow_name()
     }
 
     /// Runs batches until every file listed at the start is committed, or `cancel`
@@ -180,11 +176,11 @@ impl FlowRunner {
         let checkpoint = &self.ctx.checkpoint;
         let plans = checkpoint.plans(self.flow()).await?;
         let commits = checkpoint.commits(self.flow()).await?;
-        let table = load_table(&self.ctx.flow.sink.table).await.map_err(|e| self.delta_error(e))?;
+        let table = self.ctx.target().await?;
         let txn = match &table {
             Some(table) => committed_batch(table, &self.ctx.flow.app_id(&self.ctx.pipeline))
                 .await
-                .map_err(|e| self.delta_error(e))?,
+                .map_err(|e| self.ctx.delta_error(e))?,
             None => None,
         };
         let mut ledger = Ledger::default();
@@ -344,11 +340,10 @@ impl FlowRunner {
             batch: plan.batch,
             tasks,
             delta_schema,
-            computed_on: None,
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
         };
-        let (version, rows) = self.ctx.execute_and_commit(work, target.as_ref()).await?;
+        let (version, rows) = self.ctx.execute_and_commit(work).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -414,8 +409,6 @@ pub(crate) struct BatchWork {
     pub batch: u64,
     pub tasks: Vec<TaskSpec>,
     pub delta_schema: StructType,
-    /// See [`BatchCommit::computed_on`]; set for merges by [`FlowContext::execute_and_commit`].
-    pub computed_on: Option<Option<u64>>,
     pub follows: Option<Option<u64>>,
     pub info: BTreeMap<String, serde_json::Value>,
 }
@@ -482,13 +475,11 @@ impl FlowContext {
     /// Publishes the batch's tasks, waits for them, and commits their output
     /// with the flow's txn. Returns the new table version (`None` when the
     /// batch was already in the table) and the rows written.
-    pub(crate) async fn execute_and_commit(
-        &self,
-        work: BatchWork,
-        target: Option<&DeltaTable>,
-    ) -> Result<(Option<i64>, u64), CoordinatorError> {
+    pub(crate) async fn execute_and_commit(&self, work: BatchWork) -> Result<(Option<i64>, u64), CoordinatorError> {
         let flow = self.flow_name().to_string();
         let batch = work.batch;
+        // A merge's output replaces files of the version its task read: it may land only on that version.
+        let computed_on = work.tasks.iter().find_map(|t| t.merge.as_ref().map(|m| m.target_version));
         let queue = TaskQueue { kv: self.kv.as_ref(), keys: &self.keys };
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         queue.publish(&work.tasks).await?;
@@ -504,23 +495,11 @@ impl FlowContext {
             message: format!("a worker returned a malformed action: {e}"),
             retryable: false,
         };
-        let adds = results
-            .iter()
-            .flat_map(|r| r.adds.iter())
-            .map(|value| serde_json::from_value::<Add>(value.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(malformed)?;
-        let removes = results
-            .iter()
-            .flat_map(|r| r.removes.iter())
-            .map(|value| serde_json::from_value::<Remove>(value.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(malformed)?;
+        let adds: Vec<Add> = decode_actions(results.iter().flat_map(|r| &r.adds)).map_err(malformed)?;
+        let removes: Vec<Remove> = decode_actions(results.iter().flat_map(|r| &r.removes)).map_err(malformed)?;
         let mut info = work.info;
         info.insert("sluice.rows".to_string(), rows.into());
-        let mut computed_on = work.computed_on;
         for counts in results.iter().filter_map(|r| r.merge) {
-            computed_on = Some(target.and_then(|t| t.version()));
             for (name, value) in [
                 ("inserted", counts.inserted),
                 ("updated", counts.updated),
@@ -650,6 +629,13 @@ impl FlowContext {
         }
         Ok(done.into_values().collect())
     }
+}
+
+/// Delta actions as workers hand them back (JSON values).
+fn decode_actions<'a, T: serde::de::DeserializeOwned>(
+    values: impl Iterator<Item = &'a serde_json::Value>,
+) -> Result<Vec<T>, serde_json::Error> {
+    values.map(|value| T::deserialize(value)).collect()
 }
 
 pub(crate) fn commit_info(

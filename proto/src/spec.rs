@@ -205,10 +205,15 @@ pub struct DeltaSnapshotSource {
 impl SourceSpec {
     /// The flow this source reads from, if it names one.
     pub fn upstream(&self) -> Option<&str> {
+        self.table()?.upstream.as_deref()
+    }
+
+    /// The Delta table this source reads, if it reads one.
+    pub fn table(&self) -> Option<&TableRef> {
         match self {
             SourceSpec::Files(_) => None,
-            SourceSpec::DeltaChanges(s) => s.table.upstream.as_deref(),
-            SourceSpec::Delta(s) => s.table.upstream.as_deref(),
+            SourceSpec::DeltaChanges(s) => Some(&s.table),
+            SourceSpec::Delta(s) => Some(&s.table),
         }
     }
 
