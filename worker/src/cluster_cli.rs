@@ -14,7 +14,7 @@ use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::timing::LeaseTimings;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::worker_loop::{WorkerOptions, run_worker};
 
@@ -108,16 +108,19 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
             }
         };
         let (reporter, service) = tonic_health::server::health_reporter();
-        let incoming = futures::stream::unfold(listener, |listener| async move {
-            Some((listener.accept().await.map(|(stream, _)| stream), listener))
-        });
-        let stop = shutdown.clone();
+        let (stop, stop_health) = (shutdown.clone(), shutdown.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+                .serve_with_incoming_shutdown(incoming(listener), async move { stop.cancelled().await }),
         );
-        tokio::spawn(report_health(kv.clone(), keys.worker(&id), reporter, shutdown.clone()));
+        // SERVING while this worker's registration key exists (etcd answers, the lease lives).
+        let (kv, registration) = (kv.clone(), keys.worker(&id));
+        tokio::spawn(async move {
+            let check = || async { kv.get(&registration).await.is_ok_and(|v| v.is_some()) };
+            let down = "this worker's registration is gone or etcd is unreachable";
+            report_health(reporter, &[""], Duration::from_secs(1), down, stop_health, check).await;
+        });
     }
     run_worker(kv, keys, WorkerOptions { id, slots, timings }, shutdown).await;
     info!("sluice-worker stopped");
@@ -174,27 +177,48 @@ pub fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
-/// `SERVING` while this worker's registration key exists (etcd answers, the lease lives).
-async fn report_health(
-    kv: Arc<dyn KvStore>,
-    registration: String,
+/// Keeps `services` SERVING while `check` passes and NOT_SERVING while it
+/// fails (or takes over 3 s), checking every `interval`, until `shutdown`.
+/// `down` says, in the log, what a failing check means.
+pub async fn report_health<F, Fut>(
     reporter: tonic_health::server::HealthReporter,
+    services: &[&str],
+    interval: Duration,
+    down: &str,
     shutdown: CancellationToken,
-) {
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let mut serving = None;
     while !shutdown.is_cancelled() {
-        let registered = tokio::time::timeout(Duration::from_secs(3), kv.get(&registration))
-            .await
-            .is_ok_and(|r| r.is_ok_and(|v| v.is_some()));
-        if serving != Some(registered) {
-            let status =
-                if registered { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
-            reporter.set_service_status("", status).await;
-            serving = Some(registered);
+        let ok = tokio::time::timeout(Duration::from_secs(3), check()).await.unwrap_or(false);
+        if serving != Some(ok) {
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                warn!("{down}: reporting NOT_SERVING until the check passes again");
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in services {
+                reporter.set_service_status(service, status).await;
+            }
+            serving = Some(ok);
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// The connections a listener accepts, as a stream for tonic's `serve_with_incoming_shutdown`.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
 }

@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_proto::keys::Keys;
-use sluice_proto::kv::KvStore;
 use sluice_proto::pb::v1::FILE_DESCRIPTOR_SET;
 use sluice_proto::pb::v1::sluice_server::SluiceServer;
-use sluice_worker::cluster_cli::ClusterArgs;
+use sluice_worker::cluster_cli::{ClusterArgs, incoming, report_health};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -97,12 +95,15 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream_listener(listener),
-                async move { server_shutdown.cancelled().await },
-            ),
+            .serve_with_incoming_shutdown(incoming(listener), async move { server_shutdown.cancelled().await }),
     );
-    tokio::spawn(probe_health(kv.clone(), keys.clone(), health, shutdown.clone()));
+    // The API is SERVING only while etcd answers.
+    let (health_kv, leader_key, health_stop) = (kv.clone(), keys.leader(), shutdown.clone());
+    tokio::spawn(async move {
+        let check = || async { health_kv.get(&leader_key).await.is_ok() };
+        let services = ["", "sluice.v1.Sluice"];
+        report_health(health, &services, Duration::from_secs(2), "etcd is unreachable", health_stop, check).await;
+    });
 
     while !shutdown.is_cancelled() {
         let Some(leadership) = Leadership::campaign(kv.clone(), &keys, &id, &advertise, timings, &shutdown).await
@@ -130,41 +131,4 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
     let _ = server.await;
     info!("sluice-coordinator stopped");
     ExitCode::SUCCESS
-}
-
-fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| stream);
-        Some((accepted, listener))
-    })
-}
-
-/// Reports the API as serving only while etcd answers.
-async fn probe_health(
-    kv: Arc<dyn KvStore>,
-    keys: Keys,
-    health: tonic_health::server::HealthReporter,
-    shutdown: CancellationToken,
-) {
-    let mut serving = None;
-    while !shutdown.is_cancelled() {
-        let ok = tokio::time::timeout(Duration::from_secs(3), kv.get(&keys.leader())).await.is_ok_and(|r| r.is_ok());
-        if serving != Some(ok) {
-            let status = if ok {
-                tonic_health::ServingStatus::Serving
-            } else {
-                warn!("etcd is unreachable: reporting NOT_SERVING until it is back");
-                tonic_health::ServingStatus::NotServing
-            };
-            health.set_service_status("", status).await;
-            health.set_service_status("sluice.v1.Sluice", status).await;
-            serving = Some(ok);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
 }
