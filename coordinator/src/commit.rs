@@ -96,21 +96,19 @@ pub async fn commit_batch(request: &BatchCommit) -> Result<CommitOutcome, DeltaT
         }
         let result = match load_table(&request.table_url).await {
             Ok(Some(table)) => append(&table, request).await,
-            Ok(None) if matches!(request.computed_on, Some(Some(_))) => Err(DeltaTableError::Generic(
+            Ok(None) if matches!(request.computed_on, Some(Some(_))) => Err(AttemptError::Moved(
                 "the table the batch was computed from is gone; the batch must be computed again".to_string(),
             )),
             Ok(None) => match ensure_local_dir(&request.table_url) {
-                Ok(()) => create_with_batch(request).await,
-                Err(e) => Err(DeltaTableError::Generic(e.to_string())),
+                Ok(()) => create_with_batch(request).await.map_err(AttemptError::Delta),
+                Err(e) => Err(AttemptError::Delta(DeltaTableError::Generic(e.to_string()))),
             },
-            Err(e) => Err(e),
+            Err(e) => Err(AttemptError::Delta(e)),
         };
         match result {
             Ok(outcome) => return Ok(outcome),
-            Err(DeltaTableError::Generic(message)) if message.starts_with(MOVED) => {
-                return Err(DeltaTableError::Generic(message));
-            }
-            Err(error) => {
+            Err(AttemptError::Moved(message)) => return Err(DeltaTableError::Generic(message)),
+            Err(AttemptError::Delta(error)) => {
                 warn!(batch = request.batch, attempt, %error, "commit attempt failed; checking the table again");
                 last_error = Some(error);
             }
@@ -127,10 +125,22 @@ fn properties(request: &BatchCommit) -> CommitProperties {
         .with_max_retries(0)
 }
 
-/// How an error that ends the commit loop starts: the batch must be computed again.
-const MOVED: &str = "the table moved on";
+/// Why one commit attempt did not land.
+enum AttemptError {
+    /// The table is no longer what the batch was planned or computed against:
+    /// committing again cannot help, the batch must be planned again.
+    Moved(String),
+    /// Anything else; the next attempt reloads the table and checks the txn.
+    Delta(DeltaTableError),
+}
 
-async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutcome, DeltaTableError> {
+impl From<DeltaTableError> for AttemptError {
+    fn from(error: DeltaTableError) -> Self {
+        AttemptError::Delta(error)
+    }
+}
+
+async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutcome, AttemptError> {
     let committed = committed_batch(table, &request.app_id).await?;
     if committed.is_some_and(|b| b >= request.batch) {
         info!(batch = request.batch, "batch is already in the table; not committing it again");
@@ -139,16 +149,16 @@ async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutco
     if let Some(follows) = request.follows
         && committed != follows
     {
-        return Err(DeltaTableError::Generic(format!(
-            "{MOVED}: the batch follows batch {follows:?} of this flow, the table holds {committed:?}; it will be planned again"
+        return Err(AttemptError::Moved(format!(
+            "the table moved on: the batch follows batch {follows:?} of this flow, the table holds {committed:?}; it will be planned again"
         )));
     }
     let version = table.version();
     if let Some(base) = request.computed_on
         && version != base
     {
-        return Err(DeltaTableError::Generic(format!(
-            "{MOVED}: the batch was computed on version {base:?}, the table is at {version:?} (another writer?); it will be computed again"
+        return Err(AttemptError::Moved(format!(
+            "the table moved on: the batch was computed on version {base:?}, the table is at {version:?} (another writer?); it will be computed again"
         )));
     }
     let snapshot = table.snapshot()?;
