@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use bytesize::ByteSize;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sluice_coordinator::progress::{BatchReport, ProgressEvent, RunSummary};
+use sluice_proto::task::MergeCounts;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Prints events until the sender side is dropped.
@@ -107,10 +108,11 @@ fn committed_line(report: &BatchReport) -> String {
     };
     if let Some((first, last)) = report.source_versions {
         return format!(
-            "{}: batch {} committed: source versions {first} to {last}, {} written in {:.2}s -> {version}",
+            "{}: batch {} committed: source versions {first} to {last}, {} written{} in {:.2}s -> {version}",
             report.flow,
             report.batch,
             plural(report.rows, "row"),
+            merge_counts(report.merge.as_ref()),
             report.seconds
         );
     }
@@ -123,6 +125,17 @@ fn committed_line(report: &BatchReport) -> String {
         ByteSize(report.bytes),
         report.seconds
     )
+}
+
+/// ` (5 inserted, 2 updated, ...)`: the merge's non-zero counts of changes.
+fn merge_counts(merge: Option<&MergeCounts>) -> String {
+    let Some(merge) = merge else { return String::new() };
+    let counts: Vec<String> = merge.named()[..4]
+        .iter()
+        .filter(|(_, value)| *value > 0)
+        .map(|(name, value)| format!("{value} {name}"))
+        .collect();
+    if counts.is_empty() { " (no change)".to_string() } else { format!(" ({})", counts.join(", ")) }
 }
 
 /// This process's peak resident memory (Linux `VmHWM`), if the platform tells.
@@ -142,13 +155,18 @@ pub fn summary_lines(summary: &RunSummary) -> Vec<String> {
             (Some(first), Some(last)) => format!(", Delta versions {first}..{last}"),
             _ => String::new(),
         };
+        // What was read: files and bytes, or a Delta source's versions.
+        let read = match flow.source_versions {
+            Some((first, last)) if first == last => format!("source version {first}"),
+            Some((first, last)) => format!("source versions {first}..{last}"),
+            None => format!("{}, {}", plural(flow.files, "file"), ByteSize(flow.bytes)),
+        };
         lines.push(format!(
-            "  {}: {}, {}, {}, {}{versions} -> {}",
+            "  {}: {}, {read}, {}{}{versions} -> {}",
             flow.name,
             plural(flow.batches, "batch"),
-            plural(flow.files, "file"),
             plural(flow.rows, "row"),
-            ByteSize(flow.bytes),
+            merge_counts(flow.merge.as_ref()),
             flow.table
         ));
     }

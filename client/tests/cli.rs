@@ -2,6 +2,8 @@
 //! (Having an integration test here also makes `cargo test` build the binary
 //! that the `tests/` crate drives.)
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 fn sluice(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {

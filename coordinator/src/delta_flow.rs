@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::commit::{committed_batch, load_table};
 use crate::error::CoordinatorError;
-use crate::flow_runner::{BatchWork, FlowContext, commit_info};
+use crate::flow_runner::{BatchWork, Committed, FlowContext, commit_info};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
 
 pub struct DeltaFlowRunner {
@@ -236,7 +236,7 @@ impl DeltaFlowRunner {
         info.insert("sluice.source.first_version".to_string(), first.into());
         info.insert("sluice.source.last_version".to_string(), last.into());
         let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
-        let (version, rows) = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge } = self.ctx.execute_and_commit(work).await?;
         let seconds = started.elapsed().as_secs_f64();
         info!(flow, batch = planned.batch, rows, version, seconds, "batch committed");
         Ok(BatchReport {
@@ -248,6 +248,7 @@ impl DeltaFlowRunner {
             seconds,
             version,
             source_versions: Some((first, last)),
+            merge,
         })
     }
 }

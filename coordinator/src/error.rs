@@ -25,7 +25,7 @@ pub enum CoordinatorError {
     #[error("flow `{flow}`, batch {batch}: the commit to {table} failed: {message}")]
     CommitFailed { flow: String, batch: u64, table: String, message: String },
     #[error("flow `{flow}`: table {table}: {source}")]
-    Delta { flow: String, table: String, source: DeltaTableError },
+    Delta { flow: String, table: String, source: Box<DeltaTableError> },
     #[error("coordination store: {0}")]
     Queue(#[from] QueueError),
     #[error("flow `{flow}`: not committing: {message}")]

@@ -12,17 +12,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::DeltaTable;
 use deltalake::kernel::{Add, Remove, StructType};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::spec::{FilesSource, FlowSpec, SchemaSpec, SinkMode};
-use sluice_proto::task::{MergeTask, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
+use sluice_proto::task::{MergeCounts, MergeTask, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::failpoint;
 use sluice_worker::formats::{InferLimits, infer_schema};
+use sluice_worker::history;
 use sluice_worker::merge::check_merge_columns;
 use sluice_worker::metadata::with_metadata_field;
 use sluice_worker::transform;
@@ -115,10 +116,10 @@ impl FlowRunner {
         };
         let source = self.source.clone();
         let listed = list_source(self.flow(), &source).await?;
-        if let Some(plan) = state.pending.take() {
-            if let Some(plan) = self.refresh_pending_plan(plan, &listed).await? {
-                self.run_and_record(&plan, &mut state, summary, true).await?;
-            }
+        if let Some(plan) = state.pending.take()
+            && let Some(plan) = self.refresh_pending_plan(plan, &listed).await?
+        {
+            self.run_and_record(&plan, &mut state, summary, true).await?;
         }
         let discovered = state.ledger.compare(listed);
         let mut new = discovered.new;
@@ -319,6 +320,7 @@ impl FlowRunner {
                 seconds: 0.0,
                 version: None,
                 source_versions: None,
+                merge: None,
             });
         }
         let relation = with_metadata_field(&source_schema)
@@ -343,7 +345,7 @@ impl FlowRunner {
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
         };
-        let (version, rows) = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge } = self.ctx.execute_and_commit(work).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -363,6 +365,7 @@ impl FlowRunner {
             seconds,
             version,
             source_versions: None,
+            merge,
         })
     }
 
@@ -404,6 +407,14 @@ impl FlowRunner {
     }
 }
 
+/// What a batch's commit did.
+pub(crate) struct Committed {
+    /// `None` when the batch was already in the table.
+    pub version: Option<i64>,
+    pub rows: u64,
+    pub merge: Option<MergeCounts>,
+}
+
 /// One batch's tasks and what its commit needs.
 pub(crate) struct BatchWork {
     pub batch: u64,
@@ -419,7 +430,11 @@ impl FlowContext {
     }
 
     pub(crate) fn delta_error(&self, source: deltalake::DeltaTableError) -> CoordinatorError {
-        CoordinatorError::Delta { flow: self.flow.name.clone(), table: self.flow.sink.table.to_string(), source }
+        CoordinatorError::Delta {
+            flow: self.flow.name.clone(),
+            table: self.flow.sink.table.to_string(),
+            source: Box::new(source),
+        }
     }
 
     /// The sink table as it is now, if it exists.
@@ -448,8 +463,16 @@ impl FlowContext {
         let produced = match &self.flow.sink.merge {
             Some(merge) => {
                 check_merge_columns(merge, &produced).map_err(&schema_error)?;
-                let kept: Vec<_> =
+                let mut kept: Vec<_> =
                     produced.fields().iter().filter(|f| !merge.except_columns.contains(f.name())).cloned().collect();
+                if merge.scd == 2 {
+                    // The versions' bounds, of the sequence's type.
+                    let sequence =
+                        produced.field_with_name(&merge.sequence_by).map_err(|e| schema_error(e.to_string()))?;
+                    for name in [history::START_AT, history::END_AT] {
+                        kept.push(Arc::new(Field::new(name, sequence.data_type().clone(), true)));
+                    }
+                }
                 Schema::new(kept)
             }
             None => produced,
@@ -475,7 +498,7 @@ impl FlowContext {
     /// Publishes the batch's tasks, waits for them, and commits their output
     /// with the flow's txn. Returns the new table version (`None` when the
     /// batch was already in the table) and the rows written.
-    pub(crate) async fn execute_and_commit(&self, work: BatchWork) -> Result<(Option<i64>, u64), CoordinatorError> {
+    pub(crate) async fn execute_and_commit(&self, work: BatchWork) -> Result<Committed, CoordinatorError> {
         let flow = self.flow_name().to_string();
         let batch = work.batch;
         // A merge's output replaces files of the version its task read: it may land only on that version.
@@ -499,17 +522,9 @@ impl FlowContext {
         let removes: Vec<Remove> = decode_actions(results.iter().flat_map(|r| &r.removes)).map_err(malformed)?;
         let mut info = work.info;
         info.insert("sluice.rows".to_string(), rows.into());
-        for counts in results.iter().filter_map(|r| r.merge) {
-            for (name, value) in [
-                ("inserted", counts.inserted),
-                ("updated", counts.updated),
-                ("deleted", counts.deleted),
-                ("ignored", counts.ignored),
-                ("files_scanned", counts.files_scanned),
-                ("files_rewritten", counts.files_rewritten),
-            ] {
-                info.insert(format!("sluice.merge.{name}"), value.into());
-            }
+        let merge = results.iter().filter_map(|r| r.merge).reduce(MergeCounts::plus);
+        for (name, value) in merge.iter().flat_map(MergeCounts::named) {
+            info.insert(format!("sluice.merge.{name}"), value.into());
         }
         let kind = match self.flow.sink.mode {
             SinkMode::Append => CommitKind::Append,
@@ -542,7 +557,7 @@ impl FlowContext {
             CommitOutcome::Committed { version } => Some(version),
             CommitOutcome::AlreadyCommitted => None,
         };
-        Ok((version, rows))
+        Ok(Committed { version, rows, merge })
     }
 
     /// Returns when this process may commit; fails when it may not.

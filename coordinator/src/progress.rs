@@ -1,6 +1,7 @@
 //! What a run reports while it works, and its summary.
 
 use serde::Serialize;
+use sluice_proto::task::MergeCounts;
 
 #[derive(Debug, Clone)]
 pub enum ProgressEvent {
@@ -79,6 +80,9 @@ pub struct BatchReport {
     /// For a Delta source: the source versions read (first, last); `files` is then 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_versions: Option<(u64, u64)>,
+    /// For a merge sink: what the merge did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeCounts>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -91,6 +95,12 @@ pub struct FlowSummary {
     pub bytes: u64,
     /// Delta versions committed by this run, in order.
     pub versions: Vec<i64>,
+    /// For a Delta source: the first and last source versions read by this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_versions: Option<(u64, u64)>,
+    /// For a merge sink: what this run's merges did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeCounts>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -111,6 +121,13 @@ impl FlowSummary {
         self.rows += report.rows;
         self.bytes += report.bytes;
         self.versions.extend(report.version);
+        if let Some((first, last)) = report.source_versions {
+            let (start, _) = self.source_versions.unwrap_or((first, last));
+            self.source_versions = Some((start.min(first), last));
+        }
+        if let Some(merge) = report.merge {
+            self.merge = Some(self.merge.unwrap_or_default().plus(merge));
+        }
     }
 }
 

@@ -138,6 +138,8 @@ pub struct RawSink {
     pub scd: Option<u8>,
     #[serde(default)]
     pub track_history_columns: Vec<String>,
+    #[serde(default)]
+    pub replace_rows_per_key: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------
@@ -316,6 +318,10 @@ pub struct MergeSpec {
     pub except_columns: Vec<String>,
     pub scd: u8,
     pub track_history_columns: Vec<String>,
+    /// A key holds several rows (an invoice's lines): the rows of a key's
+    /// newest change replace all the rows the table holds for it.
+    #[serde(default)]
+    pub replace_rows_per_key: bool,
 }
 
 /// The default `delete_when` of a merge fed by a change data feed.
@@ -604,6 +610,7 @@ fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<Mer
             ("except_columns", !raw.except_columns.is_empty()),
             ("scd", raw.scd.is_some()),
             ("track_history_columns", !raw.track_history_columns.is_empty()),
+            ("replace_rows_per_key", raw.replace_rows_per_key.is_some()),
         ];
         if let Some((key, _)) = merge_only.iter().find(|(_, given)| *given) {
             return Err(SpecError::invalid(format!("{field}.{key}"), "applies to `mode: merge` only"));
@@ -628,24 +635,32 @@ fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<Mer
         ));
     };
     let scd = raw.scd.unwrap_or(1);
-    match scd {
-        1 => {}
-        2 => {
-            return Err(SpecError::invalid(
-                format!("{field}.scd"),
-                "SCD type 2 is not supported yet (see issue 4); use `scd: 1`",
-            ));
-        }
-        _ => return Err(SpecError::invalid(format!("{field}.scd"), "must be 1 or 2")),
+    if scd != 1 && scd != 2 {
+        return Err(SpecError::invalid(format!("{field}.scd"), "must be 1 (latest row per key) or 2 (history)"));
     }
-    if raw.ignore_null_updates == Some(true) {
+    if raw.ignore_null_updates == Some(true) && scd == 2 {
         return Err(SpecError::invalid(
             format!("{field}.ignore_null_updates"),
-            "`true` is not supported yet (see issue 4): a change's NULLs overwrite the target's values",
+            "`true` is supported with `scd: 1` only for now: with `scd: 2` a change's NULLs are written as they are",
         ));
     }
-    if !raw.track_history_columns.is_empty() {
+    if raw.replace_rows_per_key == Some(true) && (scd == 2 || raw.ignore_null_updates == Some(true)) {
+        return Err(SpecError::invalid(
+            format!("{field}.replace_rows_per_key"),
+            "replaces a key's rows as a group: it goes with `scd: 1` and without `ignore_null_updates`",
+        ));
+    }
+    if !raw.track_history_columns.is_empty() && scd != 2 {
         return Err(SpecError::invalid(format!("{field}.track_history_columns"), "applies to `scd: 2` only"));
+    }
+    for (index, column) in raw.track_history_columns.iter().enumerate() {
+        if raw.keys.contains(column) || raw.except_columns.contains(column) || Some(column) == raw.sequence_by.as_ref()
+        {
+            return Err(SpecError::invalid(
+                format!("{field}.track_history_columns[{index}]"),
+                format!("`{column}` is a key, the sequence column or an excepted column; list data columns only"),
+            ));
+        }
     }
     if !raw.partition_by.is_empty() {
         return Err(SpecError::invalid(
@@ -675,6 +690,7 @@ fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<Mer
         except_columns: raw.except_columns.clone(),
         scd,
         track_history_columns: raw.track_history_columns.clone(),
+        replace_rows_per_key: raw.replace_rows_per_key.unwrap_or(false),
     }))
 }
 
@@ -894,6 +910,22 @@ flows:
             "{ delta: { table: /x }, files: { path: /y, format: csv } }",
         ));
         assert!(err.contains("flows[0].source") && err.contains("only one of"), "{err}");
+        let history =
+            MEDALLION.replace("except_columns: [_change_type]", "except_columns: [_change_type]\n      scd: 2");
+        let spec =
+            parse_pipeline(&history.replace("scd: 2", "scd: 2\n      track_history_columns: [Total]"), None).unwrap();
+        assert_eq!(
+            spec.flows[1].sink.merge.as_ref().map(|m| (m.scd, m.track_history_columns.clone())),
+            Some((2, vec!["Total".to_string()]))
+        );
+        let err = error_of(&history.replace("scd: 2", "scd: 3"));
+        assert!(err.contains("flows[1].sink.scd") && err.contains("1 (latest row per key) or 2"), "{err}");
+        let err = error_of(&history.replace("scd: 2", "scd: 1\n      track_history_columns: [Total]"));
+        assert!(err.contains("flows[1].sink.track_history_columns") && err.contains("`scd: 2` only"), "{err}");
+        let err = error_of(&history.replace("scd: 2", "scd: 2\n      track_history_columns: [CreatedTime]"));
+        assert!(err.contains("track_history_columns[0]") && err.contains("sequence column"), "{err}");
+        let err = error_of(&history.replace("scd: 2", "scd: 2\n      ignore_null_updates: true"));
+        assert!(err.contains("flows[1].sink.ignore_null_updates"), "{err}");
     }
 
     #[test]

@@ -102,6 +102,32 @@ pub struct MergeCounts {
     pub files_rewritten: u64,
 }
 
+impl MergeCounts {
+    /// The counts of both, summed.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            inserted: self.inserted + other.inserted,
+            updated: self.updated + other.updated,
+            deleted: self.deleted + other.deleted,
+            ignored: self.ignored + other.ignored,
+            files_scanned: self.files_scanned + other.files_scanned,
+            files_rewritten: self.files_rewritten + other.files_rewritten,
+        }
+    }
+
+    /// `(name, value)` for each count, as commitInfo and summaries name them.
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("inserted", self.inserted),
+            ("updated", self.updated),
+            ("deleted", self.deleted),
+            ("ignored", self.ignored),
+            ("files_scanned", self.files_scanned),
+            ("files_rewritten", self.files_rewritten),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskResult {
     /// Delta `Add` actions for the data files written, as JSON.

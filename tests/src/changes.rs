@@ -97,10 +97,15 @@ pub fn apply(path: &Path, changes: &[Change]) {
     });
 }
 
-/// What the source holds after `changes`, by id.
+/// What the source holds after `changes`, by id, and every version each id
+/// had, as an SCD type 2 table sequenced by the source's commit version keeps them.
 #[derive(Debug, Default, Clone)]
 pub struct Model {
     pub rows: BTreeMap<i64, i64>,
+    /// By id: `(amount, start version, end version)`, oldest first.
+    pub history: BTreeMap<i64, Vec<(i64, i64, Option<i64>)>>,
+    /// The source's latest version (0: created, empty).
+    pub version: i64,
     next_id: i64,
 }
 
@@ -143,18 +148,48 @@ impl Model {
     }
 
     fn apply(&mut self, change: &Change) {
+        self.version += 1;
+        let version = self.version;
         match change {
-            Change::Insert(rows) => self.rows.extend(rows.iter().copied()),
+            Change::Insert(rows) => {
+                for (id, amount) in rows {
+                    self.rows.insert(*id, *amount);
+                    self.history.entry(*id).or_default().push((*amount, version, None));
+                }
+            }
             Change::Update(ids, value) => {
                 for id in ids {
                     self.rows.insert(*id, *value);
+                    let versions = self.history.entry(*id).or_default();
+                    // An update that leaves the tracked columns as they were opens no version.
+                    if let Some(last) = versions.last_mut()
+                        && last.0 != *value
+                    {
+                        last.2 = Some(version);
+                        versions.push((*value, version, None));
+                    }
                 }
             }
             Change::Delete(ids) => {
                 for id in ids {
                     self.rows.remove(id);
+                    if let Some(last) = self.history.get_mut(id).and_then(|v| v.last_mut()) {
+                        last.2 = Some(version);
+                    }
                 }
             }
         }
+    }
+
+    /// The history as `id:amount:start:end` (end `-` while current), by id and start.
+    pub fn history_text(&self) -> String {
+        let mut parts = Vec::new();
+        for (id, versions) in &self.history {
+            for (amount, start, end) in versions {
+                let end = end.map_or_else(|| "-".to_string(), |e| e.to_string());
+                parts.push(format!("{id}:{amount}:{start}:{end}"));
+            }
+        }
+        parts.join(",")
     }
 }

@@ -14,6 +14,10 @@ use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_text, txn_ver
 const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn merge_pipeline(max_versions: u32) -> String {
+    merge_pipeline_scd(max_versions, 1)
+}
+
+fn merge_pipeline_scd(max_versions: u32, scd: u8) -> String {
     format!(
         r#"
 pipeline: silver
@@ -30,6 +34,7 @@ flows:
       keys: [id]
       sequence_by: _commit_version
       except_columns: [_change_type, _commit_timestamp]
+      scd: {scd}
 "#
     )
 }
@@ -38,23 +43,37 @@ fn model_rows(model: &Model) -> String {
     model.rows.iter().map(|(id, amount)| format!("{id}:{amount}")).collect::<Vec<_>>().join(",")
 }
 
-fn target_rows(table: &Path) -> String {
-    let text = query_text(
-        table,
-        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(amount AS VARCHAR), ',' ORDER BY id) AS r FROM t"#,
-    );
+/// The one value of a one-row, one-column query.
+fn single_value(table: &Path, sql: &str) -> String {
+    let text = query_text(table, sql);
     text.lines().nth(3).unwrap_or_default().trim_matches(|c| c == '|' || c == ' ').to_string()
 }
 
-#[test]
-fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() {
+fn target_rows(table: &Path) -> String {
+    single_value(
+        table,
+        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(amount AS VARCHAR), ',' ORDER BY id) AS r FROM t"#,
+    )
+}
+
+fn target_history(table: &Path) -> String {
+    single_value(
+        table,
+        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(amount AS VARCHAR) || ':' || CAST(__start_at AS VARCHAR)
+             || ':' || COALESCE(CAST(__end_at AS VARCHAR), '-'), ',' ORDER BY id, __start_at) AS r FROM t"#,
+    )
+}
+
+/// Random inserts, updates and deletes committed to a source table, consumed
+/// by a merge flow three versions at a time, with a SIGKILL at each failpoint.
+fn random_feed_across_batches_and_crashes(scd: u8) {
     let sandbox = Sandbox::new();
     let source = sandbox.path("lake/source");
     let silver = sandbox.path("lake/silver");
     create_source(&source, true);
-    sandbox.pipeline(&merge_pipeline(3));
+    sandbox.pipeline(&merge_pipeline_scd(3, scd));
     let mut model = Model::default();
-    let mut rng = fastrand::Rng::with_seed(42);
+    let mut rng = fastrand::Rng::with_seed(42 + u64::from(scd));
     let failpoints = ["before_commit", "after_commit", "during_read", ""];
     for (round, failpoint) in failpoints.iter().enumerate() {
         let changes: Vec<Change> = (0..8).map(|_| model.random_change(&mut rng)).collect();
@@ -64,7 +83,17 @@ fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() 
         }
         let summary = sandbox.run_ok();
         assert!(summary["flows"][0]["batches"].as_u64().unwrap() >= 1, "round {round}: {summary}");
-        assert_eq!(target_rows(&silver), model_rows(&model), "round {round} (after a kill at {failpoint:?})");
+        if scd == 1 {
+            assert_eq!(target_rows(&silver), model_rows(&model), "round {round} (after a kill at {failpoint:?})");
+        } else {
+            assert_eq!(target_history(&silver), model.history_text(), "round {round} (after a kill at {failpoint:?})");
+            let current = single_value(
+                &silver,
+                r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(amount AS VARCHAR), ',' ORDER BY id) AS r
+                   FROM t WHERE __end_at IS NULL"#,
+            );
+            assert_eq!(current, model_rows(&model), "round {round}: the current versions are the source's rows");
+        }
     }
     // Every batch's txn is the last source version it consumed, each exactly once.
     let txns = txn_versions(&silver);
@@ -76,6 +105,16 @@ fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() 
     let before = log_entries(&silver).len();
     sandbox.run_ok();
     assert_eq!(log_entries(&silver).len(), before);
+}
+
+#[test]
+fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() {
+    random_feed_across_batches_and_crashes(1);
+}
+
+#[test]
+fn scd2_history_of_a_random_change_feed_holds_every_version_across_batches_and_crashes() {
+    random_feed_across_batches_and_crashes(2);
 }
 
 #[test]
@@ -148,6 +187,111 @@ flows:
     assert_eq!(info["sluice.merge.ignored"], 2, "{info}");
     assert_eq!(info["sluice.merge.inserted"], 1, "{info}");
     assert_eq!(info["sluice.merge.updated"], 1, "{info}");
+}
+
+#[test]
+fn scd2_places_late_changes_in_history_and_updates_untracked_columns_in_place() {
+    let sandbox = Sandbox::new();
+    let lines = |rows: &[&str]| rows.iter().map(|r| format!("{r}\n")).collect::<String>();
+    sandbox.write(
+        "landing/a.json",
+        lines(&[
+            r#"{"id": 1, "v": "a", "note": "x", "seq": 1, "op": "upsert"}"#,
+            r#"{"id": 1, "v": "c", "note": "x", "seq": 3, "op": "upsert"}"#,
+            r#"{"id": 2, "v": "p", "note": "x", "seq": 1, "op": "upsert"}"#,
+            r#"{"id": 2, "seq": 4, "op": "delete"}"#,
+            r#"{"id": 2, "v": "q", "note": "x", "seq": 6, "op": "upsert"}"#,
+        ]),
+    );
+    sandbox.pipeline(
+        r#"
+pipeline: history
+checkpoint: ./lake/_checkpoints/history
+flows:
+  - name: silver
+    source:
+      files: { path: ./landing, format: json, schema: "id BIGINT, v STRING, note STRING, seq BIGINT, op STRING" }
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'delete'"
+      except_columns: [op]
+      scd: 2
+      track_history_columns: [v]
+"#,
+    );
+    sandbox.run_ok();
+    let silver = sandbox.path("lake/silver");
+    let history = |table: &Path| {
+        single_value(
+            table,
+            r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || v || ':' || note || ':' || CAST(seq AS VARCHAR) || ':'
+                 || CAST(__start_at AS VARCHAR) || '-' || COALESCE(CAST(__end_at AS VARCHAR), ''), ' '
+                 ORDER BY id, __start_at) AS r FROM t"#,
+        )
+    };
+    // A delete closes the version; a later insert opens a new one.
+    assert_eq!(history(&silver), "1:a:x:1:1-3 1:c:x:3:3- 2:p:x:1:1-4 2:q:x:6:6-");
+
+    sandbox.write(
+        "landing/b.json",
+        lines(&[
+            // Late: lands between the versions it falls between.
+            r#"{"id": 1, "v": "b", "note": "x", "seq": 2, "op": "upsert"}"#,
+            // Only an untracked column changes: the current version is updated in place.
+            r#"{"id": 1, "v": "c", "note": "y", "seq": 5, "op": "upsert"}"#,
+            // Already in the history: changes nothing.
+            r#"{"id": 2, "v": "p", "note": "x", "seq": 1, "op": "upsert"}"#,
+            // A delete of a key never seen.
+            r#"{"id": 3, "seq": 1, "op": "delete"}"#,
+        ]),
+    );
+    sandbox.run_ok();
+    assert_eq!(history(&silver), "1:a:x:1:1-2 1:b:x:2:2-3 1:c:y:5:3- 2:p:x:1:1-4 2:q:x:6:6-");
+    let last = log_entries(&silver).last().cloned().unwrap();
+    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    assert_eq!(info["sluice.merge.ignored"], 1, "{info}");
+    assert_eq!(info["sluice.merge.files_rewritten"], 1, "{info}");
+}
+
+#[test]
+fn ignore_null_updates_keeps_the_values_an_update_leaves_out() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "landing/a.json",
+        "{\"id\": 1, \"v\": \"a\", \"w\": \"x\", \"seq\": 1}\n{\"id\": 2, \"v\": \"b\", \"w\": \"x\", \"seq\": 1}\n",
+    );
+    sandbox.pipeline(
+        r#"
+pipeline: partial
+checkpoint: ./lake/_checkpoints/partial
+flows:
+  - name: silver
+    source:
+      files: { path: ./landing, format: json, schema: "id BIGINT, v STRING, w STRING, seq BIGINT" }
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      ignore_null_updates: true
+"#,
+    );
+    sandbox.run_ok();
+    // Updates that carry only some columns, and a new key with a NULL.
+    sandbox.write(
+        "landing/b.json",
+        "{\"id\": 1, \"w\": \"y\", \"seq\": 2}\n{\"id\": 2, \"v\": \"c\", \"seq\": 2}\n{\"id\": 3, \"v\": \"n\", \"seq\": 1}\n",
+    );
+    sandbox.run_ok();
+    let rows = single_value(
+        &sandbox.path("lake/silver"),
+        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || COALESCE(v, '-') || ':' || COALESCE(w, '-') || ':'
+             || CAST(seq AS VARCHAR), ' ' ORDER BY id) AS r FROM t"#,
+    );
+    assert_eq!(rows, "1:a:y:2 2:c:x:2 3:n:-:1");
 }
 
 #[test]
@@ -274,4 +418,32 @@ fn the_medallion_example_runs_and_a_second_run_does_only_the_new_work() {
     );
     assert_eq!(versions(&gold), counts[1] + 1, "gold recomputed once");
     assert_ne!(query_text(&lines, "SELECT count(*) FROM t"), line_count);
+    // A corrected invoice's lines replace all its earlier lines: 1-0 dropped a
+    // line, 1-1 keeps both of its lines for the same item.
+    let per_invoice = single_value(
+        &lines,
+        r#"SELECT string_agg("InvoiceNumber" || ':' || CAST(n AS VARCHAR), ' ' ORDER BY "InvoiceNumber")
+           FROM (SELECT "InvoiceNumber", count(*) AS n FROM t WHERE "InvoiceNumber" IN ('1-0', '1-1') GROUP BY 1)"#,
+    );
+    assert_eq!(per_invoice, "1-0:4 1-1:2");
+    let bronze_lines = single_value(
+        &sandbox.path("lake/bronze/invoices"),
+        r#"SELECT sum(n) FROM (SELECT "InvoiceNumber", last_value(cardinality("InvoiceLineItems") ORDER BY "CreatedTime") AS n
+           FROM t GROUP BY 1)"#,
+    );
+    assert_eq!(
+        single_value(&lines, "SELECT count(*) FROM t"),
+        bronze_lines,
+        "one row per line of each invoice's latest version"
+    );
+    // The history keeps both versions of each corrected invoice.
+    let history = sandbox.path("lake/silver/invoice_history");
+    let versions = single_value(
+        &history,
+        r#"SELECT string_agg("InvoiceNumber" || ':' || "PaymentMethod" || ':' || CASE WHEN __end_at IS NULL THEN 'current' ELSE 'closed' END, ' '
+             ORDER BY "InvoiceNumber", __start_at) FROM t WHERE "InvoiceNumber" IN ('1-0', '1-1')"#,
+    );
+    assert!(versions.ends_with("1-1:CASH:current"), "{versions}");
+    assert_eq!(versions.matches("closed").count(), 2, "{versions}");
+    assert_eq!(single_value(&history, "SELECT count(*) FROM t WHERE __end_at IS NULL"), "45");
 }

@@ -62,11 +62,14 @@ pub struct FileDecoder {
     kind: DecoderKind,
 }
 
+// One value per file being read: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum DecoderKind {
     Text { bytes: BoxStream<'static, object_store::Result<Bytes>>, pending: Bytes, eof: bool, decoder: TextDecoder },
     Parquet(ParquetRecordBatchStream<ParquetObjectReader>),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum TextDecoder {
     Json(arrow::json::reader::Decoder),
     Csv(arrow::csv::reader::Decoder),
@@ -192,10 +195,10 @@ fn csv_error(file: &SourceFile, schema: &Schema, header: bool, error: ArrowError
         let start = text.find(marker)? + marker.len();
         text[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
     };
-    if let Some(column) = number_after(&message, "for column ") {
-        if let Some(field) = usize::try_from(column).ok().and_then(|c| schema.fields().get(c)) {
-            message = message.replacen(&format!("for column {column}"), &format!("for column `{}`", field.name()), 1);
-        }
+    if let Some(column) = number_after(&message, "for column ")
+        && let Some(field) = usize::try_from(column).ok().and_then(|c| schema.fields().get(c))
+    {
+        message = message.replacen(&format!("for column {column}"), &format!("for column `{}`", field.name()), 1);
     }
     let line = if let Some(row) = number_after(&message, " at line ") {
         message = message.replacen(&format!(" at line {row}"), "", 1);

@@ -18,6 +18,7 @@ pub mod delta_source;
 pub mod error;
 pub mod failpoint;
 pub mod formats;
+pub mod history;
 pub mod merge;
 pub mod metadata;
 pub mod storage;

@@ -22,7 +22,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt64Array};
-use arrow::compute::{cast, concat_batches, filter_record_batch};
+use arrow::compute::{cast, concat_batches, filter_record_batch, not};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::datasource::MemTable;
@@ -60,11 +60,11 @@ pub struct MergeOutput {
     pub rows_written: u64,
 }
 
-fn transform_error(error: impl std::fmt::Display) -> WorkerError {
+pub(crate) fn transform_error(error: impl std::fmt::Display) -> WorkerError {
     WorkerError::Transform(error.to_string())
 }
 
-fn merge_error(message: impl Into<String>) -> WorkerError {
+pub(crate) fn merge_error(message: impl Into<String>) -> WorkerError {
     WorkerError::Schema(message.into())
 }
 
@@ -77,42 +77,34 @@ pub async fn merge_changes(
     changes: SendableRecordBatchStream,
     table_schema: &SchemaRef,
 ) -> Result<MergeOutput, WorkerError> {
-    let Resolved { batch: resolved, order, key_rows } = resolve(spec, changes).await?;
+    let changes = load_changes(spec, changes).await?;
+    let target = Target::open(table_url, target_version).await?;
+    if spec.scd == 2 {
+        return crate::history::merge_history(spec, &target, changes, table_schema).await;
+    }
+    let Resolved { batch: resolved, order, key_rows } = resolve(spec, changes)?;
     let mut counts = MergeCounts::default();
-    let index: HashMap<&[u8], usize> = key_rows.iter().enumerate().map(|(i, row)| (row.as_ref(), i)).collect();
+    // Each key's first change: the one that stands for all of the key's rows
+    // (there are several only with `replace_rows_per_key`).
+    let mut index: HashMap<&[u8], usize> = HashMap::with_capacity(key_rows.len());
+    let canonical: Vec<usize> =
+        key_rows.iter().enumerate().map(|(i, row)| *index.entry(row.as_ref()).or_insert(i)).collect();
     let deletes =
         resolved.column_by_name(DELETE).map(|c| c.as_boolean().clone()).ok_or_else(|| merge_error("no delete flag"))?;
     let sequence = resolved.column_by_name(&spec.sequence_by).cloned().ok_or_else(|| merge_error("no sequence"))?;
     let sequence_rows = order.sequence_rows(&sequence)?;
     let first_key = resolved.column_by_name(&spec.keys[0]).cloned().ok_or_else(|| merge_error("no key"))?;
 
-    let table = match target_version {
-        Some(version) => Some(open_table(table_url, Some(version)).await?),
-        None => None,
-    };
-    let store = match &table {
-        Some(table) => table.object_store(),
-        None => deltalake::DeltaTableBuilder::from_url(table_url.clone())?.build()?.object_store(),
-    };
-
     // Which target rows hold a key of the batch, and which changes are stale.
     let mut stale: HashSet<usize> = HashSet::new();
     let mut matched: HashSet<usize> = HashSet::new();
     let mut to_rewrite: Vec<TargetFile> = Vec::new();
-    if let Some(table) = &table {
+    if let Some(table) = &target.table {
         let candidates = candidate_files(table, &spec.keys[0], &first_key).await?;
         counts.files_scanned = candidates.len() as u64;
         let mut probe_columns: Vec<String> = spec.keys.clone();
         probe_columns.push(spec.sequence_by.clone());
-        let probes = futures::stream::iter(candidates.into_iter().map(|file| {
-            let store = store.clone();
-            let columns = probe_columns.clone();
-            async move {
-                let batches = read_file(&store, &file, Some(&columns)).await?;
-                Ok::<_, WorkerError>((file, batches))
-            }
-        }))
-        .buffer_unordered(READ_CONCURRENCY);
+        let probes = read_files(&target.store, candidates, Some(probe_columns));
         futures::pin_mut!(probes);
         let mut touched: Vec<(TargetFile, Vec<usize>)> = Vec::new();
         while let Some(probe) = probes.next().await {
@@ -152,7 +144,8 @@ pub async fn merge_changes(
     // Counts by change.
     for change in 0..resolved.num_rows() {
         let delete = deletes.value(change);
-        match (stale.contains(&change), matched.contains(&change), delete) {
+        let key = canonical[change];
+        match (stale.contains(&key), matched.contains(&key), delete) {
             (true, _, _) | (false, false, true) => counts.ignored += 1,
             (false, true, true) => counts.deleted += 1,
             (false, true, false) => counts.updated += 1,
@@ -161,35 +154,27 @@ pub async fn merge_changes(
     }
     counts.files_rewritten = to_rewrite.len() as u64;
 
-    // The rows to write: the upserts, then what stays of the rewritten files.
-    let keep_upsert: BooleanArray =
-        (0..resolved.num_rows()).map(|i| Some(!deletes.value(i) && !stale.contains(&i))).collect();
-    let upserts = filter_record_batch(&resolved, &keep_upsert).map_err(transform_error)?;
-    let upserts = conform_batch(&upserts, table_schema).map_err(|e| merge_error(e.to_string()))?;
+    // What stays of the rewritten files is written as it is read; the rows the
+    // batch replaces are kept aside only when an update's NULLs keep their values.
     let replaced: HashSet<&[u8]> =
         index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| *row).collect();
-
-    let mut writer = new_writer(store.clone(), table_schema);
+    let mut writer = new_writer(target.store.clone(), table_schema);
     let mut rows_written = 0u64;
-    if upserts.num_rows() > 0 {
-        rows_written += upserts.num_rows() as u64;
-        writer.write(&upserts).await?;
-    }
+    let mut replaced_rows: Vec<RecordBatch> = Vec::new();
     let mut removes: Vec<Remove> = Vec::with_capacity(to_rewrite.len());
-    let mut rewrites = futures::stream::iter(to_rewrite.into_iter().map(|file| {
-        let store = store.clone();
-        async move {
-            let batches = read_file(&store, &file, None).await?;
-            Ok::<_, WorkerError>((file, batches))
-        }
-    }))
-    .buffered(READ_CONCURRENCY);
+    let rewrites = read_files(&target.store, to_rewrite, None);
+    futures::pin_mut!(rewrites);
     while let Some(rewrite) = rewrites.next().await {
         let (file, batches) = rewrite?;
         for batch in batches {
             let rows = order.key_rows(&batch)?;
             let keep: BooleanArray = rows.iter().map(|row| Some(!replaced.contains(row.as_ref()))).collect();
             let kept = filter_record_batch(&batch, &keep).map_err(transform_error)?;
+            if spec.ignore_null_updates && kept.num_rows() < batch.num_rows() {
+                let gone =
+                    filter_record_batch(&batch, &not(&keep).map_err(transform_error)?).map_err(transform_error)?;
+                replaced_rows.push(conform_batch(&gone, table_schema).map_err(|e| merge_error(e.to_string()))?);
+            }
             if kept.num_rows() == 0 {
                 continue;
             }
@@ -199,11 +184,71 @@ pub async fn merge_changes(
         }
         removes.push(file.remove);
     }
+
+    // The upserts: the winning changes that are neither deletes nor stale.
+    let keep_upsert: BooleanArray =
+        (0..resolved.num_rows()).map(|i| Some(!deletes.value(i) && !stale.contains(&canonical[i]))).collect();
+    let upserts = filter_record_batch(&resolved, &keep_upsert).map_err(transform_error)?;
+    let mut upserts = conform_batch(&upserts, table_schema).map_err(|e| merge_error(e.to_string()))?;
+    if !replaced_rows.is_empty() {
+        upserts = keep_values_of_nulls(&order, &spec.keys, upserts, &replaced_rows)?;
+    }
+    if upserts.num_rows() > 0 {
+        rows_written += upserts.num_rows() as u64;
+        writer.write(&upserts).await?;
+    }
     let adds = writer.close().await?;
     Ok(MergeOutput { adds, removes, counts, rows_written })
 }
 
-fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWriter {
+/// `ignore_null_updates`: a NULL in an update keeps the value the table held.
+fn keep_values_of_nulls(
+    order: &RowOrder,
+    keys: &[String],
+    upserts: RecordBatch,
+    previous: &[RecordBatch],
+) -> Result<RecordBatch, WorkerError> {
+    let previous = concat_batches(&upserts.schema(), previous).map_err(transform_error)?;
+    let previous_keys = order.key_rows(&previous)?;
+    let position: HashMap<&[u8], u64> =
+        previous_keys.iter().enumerate().map(|(i, row)| (row.data(), i as u64)).collect();
+    let upsert_keys = order.key_rows(&upserts)?;
+    let aligned: UInt64Array = upsert_keys.iter().map(|row| position.get(row.data()).copied()).collect();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(upserts.num_columns());
+    for (field, column) in upserts.schema().fields().iter().zip(upserts.columns()) {
+        if keys.contains(field.name()) || column.null_count() == 0 {
+            columns.push(column.clone());
+            continue;
+        }
+        let before = arrow::compute::take(previous.column_by_name(field.name()).unwrap_or(column), &aligned, None)
+            .map_err(transform_error)?;
+        let nulls = arrow::compute::is_null(column).map_err(transform_error)?;
+        columns.push(arrow::compute::kernels::zip::zip(&nulls, &before, column).map_err(transform_error)?);
+    }
+    RecordBatch::try_new(upserts.schema(), columns).map_err(transform_error)
+}
+
+/// The target table as of the version a merge is computed on, and its store.
+pub(crate) struct Target {
+    pub table: Option<DeltaTable>,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+impl Target {
+    async fn open(table_url: &Url, version: Option<u64>) -> Result<Self, WorkerError> {
+        let table = match version {
+            Some(version) => Some(open_table(table_url, Some(version)).await?),
+            None => None,
+        };
+        let store = match &table {
+            Some(table) => table.object_store(),
+            None => deltalake::DeltaTableBuilder::from_url(table_url.clone())?.build()?.object_store(),
+        };
+        Ok(Self { table, store })
+    }
+}
+
+pub(crate) fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWriter {
     let config = WriterConfig::new(
         table_schema.clone(),
         Vec::new(),
@@ -216,7 +261,8 @@ fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWri
     DeltaWriter::new(store, config)
 }
 
-/// The batch resolved to one change per key.
+/// The batch resolved to one change per key (or, with `replace_rows_per_key`,
+/// the rows of each key's newest change).
 struct Resolved {
     /// The winning changes, sorted by key, with a `__sluice_delete` column.
     batch: RecordBatch,
@@ -227,7 +273,7 @@ struct Resolved {
 
 /// Keys and sequences in Arrow's row format, where byte order is value order;
 /// a column of the table is cast to the changes' type first.
-struct RowOrder {
+pub(crate) struct RowOrder {
     keys: Vec<String>,
     key_types: Vec<DataType>,
     key_converter: RowConverter,
@@ -263,7 +309,7 @@ impl RowOrder {
     }
 
     /// The key of every row of `batch` (changes or a data file of the table).
-    fn key_rows(&self, batch: &RecordBatch) -> Result<Rows, WorkerError> {
+    pub(crate) fn key_rows(&self, batch: &RecordBatch) -> Result<Rows, WorkerError> {
         let columns: Vec<ArrayRef> = self
             .keys
             .iter()
@@ -284,21 +330,38 @@ impl RowOrder {
 
 /// Fails, naming the column, when `schema` lacks a column the merge needs.
 pub fn check_merge_columns(spec: &MergeSpec, schema: &Schema) -> Result<(), String> {
-    match spec.keys.iter().chain([&spec.sequence_by]).find(|c| schema.field_with_name(c).is_err()) {
-        None => Ok(()),
-        Some(column) => Err(format!(
+    let needed = spec.keys.iter().chain([&spec.sequence_by]).chain(&spec.track_history_columns);
+    if let Some(column) = needed.into_iter().find(|c| schema.field_with_name(c).is_err()) {
+        return Err(format!(
             "the merge needs column `{column}`, which the flow does not produce; it produces: {}",
             schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
-        )),
+        ));
     }
+    if spec.scd == 2 {
+        let reserved = [crate::history::START_AT, crate::history::END_AT];
+        if let Some(column) =
+            reserved.iter().find(|c| schema.field_with_name(c).is_ok() && !spec.except_columns.iter().any(|e| e == **c))
+        {
+            return Err(format!(
+                "the flow produces column `{column}`, which an SCD type 2 merge adds itself; rename it or list it in `except_columns`"
+            ));
+        }
+    }
+    Ok(())
 }
 
-/// One change per key, with a `__sluice_delete` flag, sorted by key.
-///
-/// Done by hand rather than with a window query: keys and sequences are
-/// compared in Arrow's row format, one pass over the batch, which is several
-/// times faster than `ROW_NUMBER() OVER (PARTITION BY ..)` for this.
-async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<Resolved, WorkerError> {
+/// The batch's changes, all of them, with what a merge needs to place them.
+pub(crate) struct Changes {
+    pub all: RecordBatch,
+    pub order: RowOrder,
+    /// `delete_when` for every change.
+    pub deletes: BooleanArray,
+    /// `update_preimage` rows of a change data feed, which a merge ignores.
+    pub preimage: Vec<bool>,
+}
+
+/// Reads the batch's changes; fails on a NULL key.
+async fn load_changes(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Result<Changes, WorkerError> {
     let schema = changes.schema();
     check_merge_columns(spec, &schema).map_err(merge_error)?;
     let order = RowOrder::new(spec, &schema)?;
@@ -316,23 +379,32 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
             spec.keys.join(", ")
         )));
     }
-    let deletes = delete_flags(spec, &all).await?;
-    let preimage: Option<Vec<bool>> = all.column_by_name(CHANGE_TYPE).map(|column| {
-        let text = cast(column, &DataType::Utf8).unwrap_or_else(|_| column.clone());
-        let text = text.as_string::<i32>();
-        (0..all.num_rows()).map(|i| text.is_valid(i) && text.value(i) == "update_preimage").collect()
-    });
+    let deletes = delete_flags(spec, &all).await?.as_boolean().clone();
+    let preimage: Vec<bool> = match all.column_by_name(CHANGE_TYPE) {
+        Some(column) => {
+            let text = cast(column, &DataType::Utf8).unwrap_or_else(|_| column.clone());
+            let text = text.as_string::<i32>();
+            (0..all.num_rows()).map(|i| text.is_valid(i) && text.value(i) == "update_preimage").collect()
+        }
+        None => vec![false; all.num_rows()],
+    };
+    Ok(Changes { all, order, deletes, preimage })
+}
 
+/// One change per key, with a `__sluice_delete` flag, sorted by key.
+///
+/// Done by hand rather than with a window query: keys and sequences are
+/// compared in Arrow's row format, one pass over the batch, which is several
+/// times faster than `ROW_NUMBER() OVER (PARTITION BY ..)` for this.
+fn resolve(spec: &MergeSpec, changes: Changes) -> Result<Resolved, WorkerError> {
+    let Changes { all, order, deletes, preimage } = changes;
     let key_rows = order.key_rows(&all)?;
     let sequence = all.column_by_name(&spec.sequence_by).cloned().ok_or_else(|| merge_error("no sequence column"))?;
     let sequence_rows = order.sequence_rows(&sequence)?;
 
     // For each key, the change with the highest sequence; the later one on a tie.
     let mut best: HashMap<&[u8], usize> = HashMap::with_capacity(all.num_rows());
-    for row in 0..all.num_rows() {
-        if preimage.as_ref().is_some_and(|p| p[row]) {
-            continue;
-        }
+    for row in (0..all.num_rows()).filter(|row| !preimage[*row]) {
         best.entry(key_rows.row(row).data())
             .and_modify(|current| {
                 if sequence_rows.row(row) >= sequence_rows.row(*current) {
@@ -341,10 +413,20 @@ async fn resolve(spec: &MergeSpec, mut changes: SendableRecordBatchStream) -> Re
             })
             .or_insert(row);
     }
-    let mut winners: Vec<(&[u8], usize)> = best.into_iter().collect();
-    winners.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut winners: Vec<(&[u8], usize)> = if spec.replace_rows_per_key {
+        // Every row of each key's newest change.
+        (0..all.num_rows())
+            .filter(|row| !preimage[*row])
+            .map(|row| (key_rows.row(row).data(), row))
+            .filter(|(key, row)| best.get(key).is_some_and(|b| sequence_rows.row(*b) == sequence_rows.row(*row)))
+            .collect()
+    } else {
+        best.into_iter().collect()
+    };
+    winners.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
     let indices = UInt64Array::from_iter_values(winners.iter().map(|(_, row)| *row as u64));
 
+    let schema = all.schema();
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(DELETE, DataType::Boolean, false));
     let mut columns: Vec<ArrayRef> = all
@@ -381,14 +463,18 @@ async fn delete_flags(spec: &MergeSpec, all: &RecordBatch) -> Result<ArrayRef, W
 }
 
 /// A data file of the target table.
-struct TargetFile {
+pub(crate) struct TargetFile {
     path: StorePath,
     size: u64,
-    remove: Remove,
+    pub remove: Remove,
 }
 
 /// The files whose statistics for the first key column may hold one of `keys`.
-async fn candidate_files(table: &DeltaTable, key: &str, keys: &ArrayRef) -> Result<Vec<TargetFile>, WorkerError> {
+pub(crate) async fn candidate_files(
+    table: &DeltaTable,
+    key: &str,
+    keys: &ArrayRef,
+) -> Result<Vec<TargetFile>, WorkerError> {
     let bounds = KeyBounds::of(keys);
     let snapshot = table.snapshot()?;
     let files: Vec<_> = snapshot.snapshot().file_views(&table.log_store(), None).try_collect().await?;
@@ -452,6 +538,24 @@ impl KeyBounds {
             }
         }
     }
+}
+
+/// Reads `files`, a few at a time, in order: all columns or only `columns`.
+pub(crate) fn read_files(
+    store: &Arc<dyn ObjectStore>,
+    files: Vec<TargetFile>,
+    columns: Option<Vec<String>>,
+) -> impl futures::Stream<Item = Result<(TargetFile, Vec<RecordBatch>), WorkerError>> + use<> {
+    let store = store.clone();
+    futures::stream::iter(files.into_iter().map(move |file| {
+        let store = store.clone();
+        let columns = columns.clone();
+        async move {
+            let batches = read_file(&store, &file, columns.as_deref()).await?;
+            Ok((file, batches))
+        }
+    }))
+    .buffered(READ_CONCURRENCY)
 }
 
 /// Reads a data file, all columns or only `columns`.

@@ -114,6 +114,7 @@ async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
         except_columns: vec![],
         scd: 1,
         track_history_columns: vec![],
+        replace_rows_per_key: false,
     };
     let stream = Box::pin(RecordBatchStreamAdapter::new(schema(), futures::stream::iter([Ok(changes)])));
     let output = merge_changes(&spec, &table_url, version, stream, &schema()).await.expect("merge");
