@@ -391,9 +391,13 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
     for flow in &spec.flows {
         let source = match &flow.source {
             SourceSpec::Files(files) => files,
-            SourceSpec::DeltaChanges(sluice_proto::spec::DeltaChangesSource { table, .. })
-            | SourceSpec::Delta(sluice_proto::spec::DeltaSnapshotSource { table, .. }) => {
-                let what = if matches!(flow.source, SourceSpec::Delta(_)) { "snapshot" } else { "change data feed" };
+            SourceSpec::DeltaChanges(_) | SourceSpec::Delta(_) | SourceSpec::Watermark(_) => {
+                let table = flow.source.table().expect("a Delta source");
+                let what = match &flow.source {
+                    SourceSpec::Delta(_) => "snapshot".to_string(),
+                    SourceSpec::Watermark(w) => format!("rows beyond the watermark on `{}`", w.column),
+                    _ => "change data feed".to_string(),
+                };
                 println!(
                     "  {}: {what} of {} -> {} ({:?}; txn app id {})",
                     flow.name,

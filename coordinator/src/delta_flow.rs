@@ -12,9 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use deltalake::DeltaTable;
-use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef};
-use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec};
+use futures::TryStreamExt;
+use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef, WatermarkValue};
+use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec, WatermarkRead};
 use sluice_worker::delta_source::{explain, relation_schema};
+use sluice_worker::watermark::WatermarkKind;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -29,10 +31,12 @@ pub struct DeltaFlowRunner {
     table: TableRef,
 }
 
-/// One batch: what to read and the txn version it ends at.
+/// One batch: what to read and the txn version it ends at (for a watermark
+/// source, the txn version is the highest value read, known after reading).
 struct Planned {
     kind: DeltaReadKind,
     batch: u64,
+    watermark: Option<WatermarkRead>,
 }
 
 impl DeltaFlowRunner {
@@ -65,9 +69,15 @@ impl DeltaFlowRunner {
                 None => None,
             };
             let Some(planned) = self.plan(&source, committed).await? else { break };
-            let report = self.run_batch(&source, target.as_ref(), committed, &planned).await?;
-            summary.add(&report);
-            self.ctx.progress.send(ProgressEvent::BatchCommitted(report));
+            let watermark = planned.watermark.is_some();
+            if let Some(report) = self.run_batch(&source, target.as_ref(), committed, &planned).await? {
+                summary.add(&report);
+                self.ctx.progress.send(ProgressEvent::BatchCommitted(report));
+            }
+            // A watermark batch reads everything beyond the watermark: one per round.
+            if watermark {
+                break;
+            }
         }
         self.ctx.progress.send(ProgressEvent::FlowCaughtUp { flow: self.flow().to_string() });
         Ok(())
@@ -103,7 +113,7 @@ impl DeltaFlowRunner {
                 if committed.is_some_and(|c| c >= version) {
                     return Ok(None);
                 }
-                Ok(Some(Planned { kind: DeltaReadKind::Snapshot { version }, batch: version }))
+                Ok(Some(Planned { kind: DeltaReadKind::Snapshot { version }, batch: version, watermark: None }))
             }
             SourceSpec::DeltaChanges(spec) => {
                 let start = match committed {
@@ -116,9 +126,89 @@ impl DeltaFlowRunner {
                 self.check_change_feed(source, start).await?;
                 let most = spec.max_versions_per_batch.unwrap_or(u64::MAX);
                 let end = latest.min(start.saturating_add(most - 1));
-                Ok(Some(Planned { kind: DeltaReadKind::Changes { start, end }, batch: end }))
+                Ok(Some(Planned { kind: DeltaReadKind::Changes { start, end }, batch: end, watermark: None }))
+            }
+            SourceSpec::Watermark(spec) => {
+                let kind = self.watermark_kind(source, &spec.column)?;
+                let value = |name: &str, value: Option<WatermarkValue>| match (kind, value) {
+                    (_, None) => Ok(None),
+                    (WatermarkKind::Number, Some(WatermarkValue::Number(n)))
+                    | (WatermarkKind::Time, Some(WatermarkValue::Micros(n))) => Ok(Some(n)),
+                    (kind, Some(_)) => Err(self.source_error(format!(
+                        "`watermark.{name}` does not fit column `{}`, which is {}: write {}",
+                        spec.column,
+                        if kind == WatermarkKind::Number { "a number" } else { "a time" },
+                        if kind == WatermarkKind::Number {
+                            "a number"
+                        } else if name == "lag" {
+                            "a duration such as `10m`"
+                        } else {
+                            "a timestamp such as `2026-01-31T00:00:00Z`"
+                        }
+                    ))),
+                };
+                let initial = value("initial_value", spec.initial_value)?;
+                let lag = value("lag", spec.lag)?.unwrap_or(0);
+                let base = committed.and_then(|c| i64::try_from(c).ok()).or(initial);
+                if let Some(base) = base
+                    && !self.may_hold_beyond(source, &spec.column, kind, base).await?
+                {
+                    return Ok(None);
+                }
+                // The lag re-reads below the last watermark, never below `initial_value`.
+                let after = match (committed.and_then(|c| i64::try_from(c).ok()), initial) {
+                    (Some(watermark), initial) => Some(watermark.saturating_sub(lag).max(initial.unwrap_or(i64::MIN))),
+                    (None, initial) => initial,
+                };
+                let read = WatermarkRead { column: spec.column.clone(), after };
+                let kind = DeltaReadKind::Snapshot { version: latest };
+                Ok(Some(Planned { kind, batch: committed.unwrap_or(0), watermark: Some(read) }))
             }
         }
+    }
+
+    /// How the watermark column's values compare; an error names the column's problem.
+    fn watermark_kind(&self, source: &DeltaTable, column: &str) -> Result<WatermarkKind, CoordinatorError> {
+        let schema = source.snapshot().map_err(|e| self.source_error(e.to_string()))?.snapshot().arrow_schema();
+        let field = schema.field_with_name(column).map_err(|_| {
+            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            self.source_error(format!(
+                "`watermark.column` names `{column}`, which the table does not have; it has: {}",
+                columns.join(", ")
+            ))
+        })?;
+        WatermarkKind::of(field.data_type()).ok_or_else(|| {
+            self.source_error(format!(
+                "column `{column}` is {}: a watermark follows an integer, timestamp or date column",
+                field.data_type()
+            ))
+        })
+    }
+
+    /// Whether any data file's statistics allow a value of `column` above
+    /// `base`; a file without statistics may hold one.
+    async fn may_hold_beyond(
+        &self,
+        source: &DeltaTable,
+        column: &str,
+        kind: WatermarkKind,
+        base: i64,
+    ) -> Result<bool, CoordinatorError> {
+        let snapshot = source.snapshot().map_err(|e| self.source_error(e.to_string()))?;
+        let files: Vec<_> = snapshot
+            .snapshot()
+            .file_views(&source.log_store(), None)
+            .try_collect()
+            .await
+            .map_err(|e| self.source_error(e.to_string()))?;
+        Ok(files.iter().any(|file| {
+            let stats: Option<serde_json::Value> = file.stats().and_then(|s| serde_json::from_str(&s).ok());
+            let max = stats.as_ref().and_then(|s| s.get("maxValues")).and_then(|m| m.get(column));
+            match stats_upper_bound(max, kind) {
+                Some(max) => max > base,
+                None => true,
+            }
+        }))
     }
 
     /// Where a flow that has consumed nothing yet starts reading.
@@ -173,13 +263,14 @@ impl DeltaFlowRunner {
         Ok(())
     }
 
+    /// The batch's report; `None` when a watermark batch found nothing beyond the watermark.
     async fn run_batch(
         &self,
         source: &DeltaTable,
         target: Option<&DeltaTable>,
         committed: Option<u64>,
         planned: &Planned,
-    ) -> Result<BatchReport, CoordinatorError> {
+    ) -> Result<Option<BatchReport>, CoordinatorError> {
         let started = Instant::now();
         let flow = self.flow().to_string();
         let source_schema = source.snapshot().map_err(|e| self.source_error(e.to_string()))?.snapshot().arrow_schema();
@@ -215,6 +306,7 @@ impl DeltaFlowRunner {
                 ingest_time_us: chrono::Utc::now().timestamp_micros(),
                 delta_read: Some(DeltaRead { table_url: self.table.url.to_string(), kind }),
                 merge: merge.clone(),
+                watermark: planned.watermark.clone(),
             })
             .collect();
         let (first, last) = match planned.kind {
@@ -235,13 +327,28 @@ impl DeltaFlowRunner {
         info.insert("sluice.source".to_string(), self.table.url.to_string().into());
         info.insert("sluice.source.first_version".to_string(), first.into());
         info.insert("sluice.source.last_version".to_string(), last.into());
-        let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
-        let Committed { version, rows, merge } = self.ctx.execute_and_commit(work).await?;
-        let seconds = started.elapsed().as_secs_f64();
-        info!(flow, batch = planned.batch, rows, version, seconds, "batch committed");
-        Ok(BatchReport {
-            flow,
+        if let Some(read) = &planned.watermark {
+            info.insert("sluice.watermark.column".to_string(), read.column.clone().into());
+            info.insert("sluice.watermark.after".to_string(), read.after.into());
+        }
+        let work = BatchWork {
             batch: planned.batch,
+            tasks,
+            delta_schema,
+            follows: Some(committed),
+            info,
+            watermark: planned.watermark.is_some(),
+        };
+        let Committed { version, rows, merge, batch } = self.ctx.execute_and_commit(work).await?;
+        let Some(batch) = batch else {
+            info!(flow, "nothing beyond the watermark; nothing committed");
+            return Ok(None);
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        info!(flow, batch, rows, version, seconds, "batch committed");
+        Ok(Some(BatchReport {
+            flow,
+            batch,
             files: 0,
             rows,
             bytes: 0,
@@ -249,7 +356,24 @@ impl DeltaFlowRunner {
             version,
             source_versions: Some((first, last)),
             merge,
-        })
+        }))
+    }
+}
+
+/// The largest value a file's statistic allows, as a watermark number. Delta
+/// keeps timestamps to the millisecond, so a time's bound is rounded up.
+fn stats_upper_bound(max: Option<&serde_json::Value>, kind: WatermarkKind) -> Option<i64> {
+    let max = max?;
+    match kind {
+        WatermarkKind::Number => max.as_i64(),
+        WatermarkKind::Time => {
+            let text = max.as_str()?;
+            if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+                return Some(time.timestamp_micros() + 999);
+            }
+            let date = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+            Some(date.and_hms_opt(23, 59, 59)?.and_utc().timestamp_micros() + 999_999)
+        }
     }
 }
 

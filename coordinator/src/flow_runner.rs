@@ -344,8 +344,9 @@ impl FlowRunner {
             delta_schema,
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
+            watermark: false,
         };
-        let Committed { version, rows, merge } = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge, .. } = self.ctx.execute_and_commit(work).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -402,6 +403,7 @@ impl FlowRunner {
                 ingest_time_us: plan.planned_at_us,
                 delta_read: None,
                 merge: merge.clone(),
+                watermark: None,
             })
             .collect()
     }
@@ -409,6 +411,9 @@ impl FlowRunner {
 
 /// What a batch's commit did.
 pub(crate) struct Committed {
+    /// The batch (txn version) committed; `None` when a watermark batch found
+    /// nothing beyond the watermark and committed nothing.
+    pub batch: Option<u64>,
     /// `None` when the batch was already in the table.
     pub version: Option<i64>,
     pub rows: u64,
@@ -422,6 +427,8 @@ pub(crate) struct BatchWork {
     pub delta_schema: StructType,
     pub follows: Option<Option<u64>>,
     pub info: BTreeMap<String, serde_json::Value>,
+    /// The txn version is the highest watermark value the tasks read, not `batch`.
+    pub watermark: bool,
 }
 
 impl FlowContext {
@@ -510,6 +517,10 @@ impl FlowContext {
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         let results = results?;
 
+        let batch = match self.watermark_batch(batch, work.watermark, work.follows, &results)? {
+            Some(batch) => batch,
+            None => return Ok(Committed { batch: None, version: None, rows: 0, merge: None }),
+        };
         failpoint::hit(failpoint::BEFORE_COMMIT).await;
         let rows: u64 = results.iter().map(|r| r.rows).sum();
         let malformed = |e: serde_json::Error| CoordinatorError::BatchFailed {
@@ -557,7 +568,32 @@ impl FlowContext {
             CommitOutcome::Committed { version } => Some(version),
             CommitOutcome::AlreadyCommitted => None,
         };
-        Ok(Committed { version, rows, merge })
+        Ok(Committed { batch: Some(batch), version, rows, merge })
+    }
+
+    /// The txn version a batch commits with: its own number, or for a watermark
+    /// batch the highest value read, `None` when that does not pass the watermark.
+    fn watermark_batch(
+        &self,
+        batch: u64,
+        watermark: bool,
+        follows: Option<Option<u64>>,
+        results: &[TaskResult],
+    ) -> Result<Option<u64>, CoordinatorError> {
+        if !watermark {
+            return Ok(Some(batch));
+        }
+        let Some(highest) = results.iter().filter_map(|r| r.watermark).max() else { return Ok(None) };
+        let highest = u64::try_from(highest).map_err(|_| CoordinatorError::BatchFailed {
+            flow: self.flow_name().to_string(),
+            batch,
+            message: format!(
+                "the watermark column's highest value is {highest}: a watermark must not be negative (nor a time before 1970)"
+            ),
+            retryable: false,
+        })?;
+        let committed = follows.flatten();
+        Ok((committed.is_none_or(|c| highest > c)).then_some(highest))
     }
 
     /// Returns when this process may commit; fails when it may not.

@@ -184,6 +184,7 @@ mod tests {
             ingest_time_us: 0,
             delta_read: None,
             merge: None,
+            watermark: None,
         }
     }
 

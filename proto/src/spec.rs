@@ -71,6 +71,20 @@ pub struct RawSource {
     pub delta_changes: Option<RawDeltaChanges>,
     #[serde(default)]
     pub delta: Option<RawDeltaSnapshot>,
+    #[serde(default)]
+    pub watermark: Option<RawWatermark>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatermark {
+    /// A Delta table URL or path, or `flow:<name>`.
+    pub table: String,
+    pub column: String,
+    #[serde(default)]
+    pub initial_value: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub lag: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +192,8 @@ pub enum SourceSpec {
     DeltaChanges(DeltaChangesSource),
     /// A Delta table's snapshot, read whole each time it has a new version.
     Delta(DeltaSnapshotSource),
+    /// The rows of a Delta table whose `column` is beyond the last watermark.
+    Watermark(WatermarkSource),
 }
 
 /// A Delta table a flow reads: its location, and the flow that writes it when
@@ -195,6 +211,28 @@ pub struct DeltaChangesSource {
     /// Milliseconds since the epoch; the first version committed at or after it.
     pub starting_timestamp_ms: Option<i64>,
     pub max_versions_per_batch: Option<u64>,
+}
+
+/// Incremental loading by a column that only grows (a timestamp, a sequence
+/// number): each batch reads the rows beyond the watermark, and the new
+/// watermark, the highest value read, is the txn version of the batch's commit.
+#[derive(Debug, Clone)]
+pub struct WatermarkSource {
+    pub table: TableRef,
+    pub column: String,
+    /// Rows at or below it are never read.
+    pub initial_value: Option<WatermarkValue>,
+    /// How far below the watermark each batch reads again, for late rows.
+    pub lag: Option<WatermarkValue>,
+}
+
+/// A watermark value or lag, as written in the pipeline file: a number (for an
+/// integer column) or a time (an RFC 3339 timestamp, a date, or for a lag a
+/// duration like `10m`), in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatermarkValue {
+    Number(i64),
+    Micros(i64),
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +254,7 @@ impl SourceSpec {
             SourceSpec::Files(_) => None,
             SourceSpec::DeltaChanges(s) => Some(&s.table),
             SourceSpec::Delta(s) => Some(&s.table),
+            SourceSpec::Watermark(s) => Some(&s.table),
         }
     }
 
@@ -224,6 +263,7 @@ impl SourceSpec {
             SourceSpec::Files(_) => None,
             SourceSpec::DeltaChanges(s) => Some(&mut s.table),
             SourceSpec::Delta(s) => Some(&mut s.table),
+            SourceSpec::Watermark(s) => Some(&mut s.table),
         }
     }
 }
@@ -466,14 +506,23 @@ impl FlowSpec {
         };
         let cdf = matches!(source, SourceSpec::DeltaChanges(_));
         let sink = SinkSpec::from_raw(raw.sink, &format!("{field}.sink"), base_dir, cdf)?;
+        if let SourceSpec::Watermark(watermark) = &source
+            && watermark.lag.is_some()
+            && sink.mode == SinkMode::Append
+        {
+            return Err(SpecError::invalid(
+                format!("{field}.source.watermark.lag"),
+                "re-reads rows below the watermark, which an append sink would add twice; use `mode: merge` with the table's keys",
+            ));
+        }
         Ok(Self { name: raw.name, source, transform, sink })
     }
 }
 
 impl SourceSpec {
     fn from_raw(raw: RawSource, field: &str, base_dir: Option<&Path>) -> Result<Self, SpecError> {
-        const KINDS: &str = "`files:`, `delta_changes:` or `delta:`";
-        let given = [raw.files.is_some(), raw.delta_changes.is_some(), raw.delta.is_some()];
+        const KINDS: &str = "`files:`, `delta_changes:`, `delta:` or `watermark:`";
+        let given = [raw.files.is_some(), raw.delta_changes.is_some(), raw.delta.is_some(), raw.watermark.is_some()];
         match given.iter().filter(|g| **g).count() {
             0 => return Err(SpecError::invalid(field, format!("a source needs one of {KINDS}"))),
             1 => {}
@@ -512,10 +561,57 @@ impl SourceSpec {
                 max_versions_per_batch: changes.max_versions_per_batch,
             }));
         }
+        if let Some(watermark) = raw.watermark {
+            let field = format!("{field}.watermark");
+            let table = parse_table_ref(&format!("{field}.table"), &watermark.table, base_dir)?;
+            if watermark.column.trim().is_empty() {
+                return Err(SpecError::invalid(format!("{field}.column"), "is empty; name the column that only grows"));
+            }
+            let initial_value = watermark
+                .initial_value
+                .as_ref()
+                .map(|v| parse_watermark_value(&format!("{field}.initial_value"), v, false))
+                .transpose()?;
+            let lag =
+                watermark.lag.as_ref().map(|v| parse_watermark_value(&format!("{field}.lag"), v, true)).transpose()?;
+            if matches!(lag, Some(WatermarkValue::Number(n) | WatermarkValue::Micros(n)) if n < 0) {
+                return Err(SpecError::invalid(format!("{field}.lag"), "must not be negative"));
+            }
+            return Ok(SourceSpec::Watermark(WatermarkSource { table, column: watermark.column, initial_value, lag }));
+        }
         let snapshot = raw.delta.expect("one source kind is set");
         let table = parse_table_ref(&format!("{field}.delta.table"), &snapshot.table, base_dir)?;
         Ok(SourceSpec::Delta(DeltaSnapshotSource { table, version: snapshot.version }))
     }
+}
+
+/// A number, or a time: an RFC 3339 timestamp or a date, or for a lag a duration.
+fn parse_watermark_value(field: &str, value: &serde_yaml::Value, lag: bool) -> Result<WatermarkValue, SpecError> {
+    let allowed = if lag {
+        "a number (for an integer column) or a duration such as `10m` or `2h` (for a time column)"
+    } else {
+        "a number (for an integer column) or a timestamp such as `2026-01-31T00:00:00Z` or a date (for a time column)"
+    };
+    let text = match value {
+        serde_yaml::Value::Number(n) => {
+            return n.as_i64().map(WatermarkValue::Number).ok_or_else(|| SpecError::invalid(field, allowed));
+        }
+        serde_yaml::Value::String(text) => text.trim(),
+        _ => return Err(SpecError::invalid(field, allowed)),
+    };
+    if let Ok(number) = text.parse::<i64>() {
+        return Ok(WatermarkValue::Number(number));
+    }
+    let micros = if lag {
+        humantime::parse_duration(text).ok().and_then(|d| i64::try_from(d.as_micros()).ok())
+    } else {
+        let timestamp = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_string() };
+        humantime::parse_rfc3339_weak(&timestamp)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_micros()).ok())
+    };
+    micros.map(WatermarkValue::Micros).ok_or_else(|| SpecError::invalid(field, format!("`{text}` is not {allowed}")))
 }
 
 /// `flow:<name>` (resolved once every flow is known) or a location.
@@ -926,6 +1022,30 @@ flows:
         assert!(err.contains("track_history_columns[0]") && err.contains("sequence column"), "{err}");
         let err = error_of(&history.replace("scd: 2", "scd: 2\n      ignore_null_updates: true"));
         assert!(err.contains("flows[1].sink.ignore_null_updates"), "{err}");
+    }
+
+    #[test]
+    fn watermark_sources_parse_values_and_refuse_a_lag_on_append() {
+        let pipeline = |source: &str, sink: &str| {
+            format!(
+                "pipeline: p\ncheckpoint: /c\nflows:\n  - name: f\n    source: {{ watermark: {source} }}\n    sink: {sink}\n"
+            )
+        };
+        let merge = "{ table: /t, mode: merge, keys: [id], sequence_by: at }";
+        let spec =
+            parse_pipeline(&pipeline("{ table: /s, column: at, initial_value: 2026-01-31, lag: 10m }", merge), None)
+                .unwrap();
+        let SourceSpec::Watermark(w) = &spec.flows[0].source else { panic!("a watermark source") };
+        assert_eq!(w.initial_value, Some(WatermarkValue::Micros(1_769_817_600_000_000)));
+        assert_eq!(w.lag, Some(WatermarkValue::Micros(600_000_000)));
+        let spec =
+            parse_pipeline(&pipeline("{ table: /s, column: at, initial_value: 7, lag: \"3\" }", merge), None).unwrap();
+        let SourceSpec::Watermark(w) = &spec.flows[0].source else { panic!("a watermark source") };
+        assert_eq!((w.initial_value, w.lag), (Some(WatermarkValue::Number(7)), Some(WatermarkValue::Number(3))));
+        let err = error_of(&pipeline("{ table: /s, column: at, lag: 10m }", "{ table: /t }"));
+        assert!(err.contains("flows[0].source.watermark.lag") && err.contains("mode: merge"), "{err}");
+        let err = error_of(&pipeline("{ table: /s, column: at, lag: soon }", merge));
+        assert!(err.contains("watermark.lag") && err.contains("a duration"), "{err}");
     }
 
     #[test]

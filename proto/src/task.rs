@@ -61,6 +61,9 @@ pub struct TaskSpec {
     /// Set when the output is merged into the table by key instead of appended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeTask>,
+    /// Set for a watermark source: only rows beyond `after` are read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<WatermarkRead>,
 }
 
 /// What a task reads from a Delta table. `source_schema` is then the relation's
@@ -141,6 +144,17 @@ pub struct TaskResult {
     pub removes: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeCounts>,
+    /// For a watermark source: the highest value of the column among the rows read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<i64>,
+}
+
+/// Which rows of a watermark source a task reads: those whose `column`, as a
+/// number (a time in microseconds since the epoch), is greater than `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkRead {
+    pub column: String,
+    pub after: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

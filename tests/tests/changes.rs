@@ -447,3 +447,83 @@ fn the_medallion_example_runs_and_a_second_run_does_only_the_new_work() {
     assert_eq!(versions.matches("closed").count(), 2, "{versions}");
     assert_eq!(single_value(&history, "SELECT count(*) FROM t WHERE __end_at IS NULL"), "45");
 }
+
+#[test]
+fn watermark_loads_pick_up_late_rows_within_the_lag_and_move_only_with_a_commit() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    create_source(&source, false);
+    // `amount` only grows here: it stands for an update time or a sequence number.
+    sandbox.pipeline(
+        r#"
+pipeline: watermark
+checkpoint: ./lake/_checkpoints/watermark
+flows:
+  - name: orders_silver
+    source:
+      watermark: { table: ./lake/source, column: amount, lag: 10 }
+    sink: { table: ./lake/silver, mode: merge, keys: [id], sequence_by: amount }
+  - name: orders_copy
+    source:
+      watermark: { table: ./lake/source, column: amount, initial_value: 15 }
+    sink: { table: ./lake/copy }
+"#,
+    );
+    let silver = sandbox.path("lake/silver");
+    let copy = sandbox.path("lake/copy");
+    let ids = |table: &Path| single_value(table, "SELECT string_agg(CAST(id AS VARCHAR), ',' ORDER BY id) FROM t");
+
+    apply(&source, &[Change::Insert(vec![(1, 10), (2, 20)]), Change::Insert(vec![(3, 100)])]);
+    sandbox.run_ok();
+    assert_eq!(ids(&silver), "1,2,3");
+    assert_eq!(ids(&copy), "2,3", "rows at or below initial_value are not read");
+    assert_eq!(txn_versions(&silver), vec![100], "the watermark is the txn version");
+
+    // Late rows: 95 is within the lag below the watermark (100), 85 is not.
+    apply(&source, &[Change::Insert(vec![(4, 95), (5, 85), (6, 120)])]);
+    sandbox.run_ok();
+    assert_eq!(ids(&silver), "1,2,3,4,6");
+    assert_eq!(ids(&copy), "2,3,6", "without a lag, late rows are not read");
+    assert_eq!(txn_versions(&silver), vec![100, 120]);
+
+    // A crash between writing and committing does not move the watermark.
+    apply(&source, &[Change::Insert(vec![(7, 130)])]);
+    kill_hard(sandbox.run_until_failpoint("before_commit", FAILPOINT_TIMEOUT));
+    assert_eq!(txn_versions(&silver), vec![100, 120]);
+    assert_eq!(ids(&silver), "1,2,3,4,6");
+    sandbox.run_ok();
+    assert_eq!(ids(&silver), "1,2,3,4,6,7");
+    assert_eq!(ids(&copy), "2,3,6,7");
+    assert_eq!(txn_versions(&silver), vec![100, 120, 130]);
+
+    // Nothing beyond the watermark: nothing is read or committed.
+    let versions = (log_entries(&silver).len(), log_entries(&copy).len());
+    sandbox.run_ok();
+    assert_eq!((log_entries(&silver).len(), log_entries(&copy).len()), versions);
+}
+
+#[test]
+fn a_watermark_on_a_missing_or_unfit_column_says_what_is_wrong() {
+    let sandbox = Sandbox::new();
+    let source = sandbox.path("lake/source");
+    create_source(&source, false);
+    apply(&source, &[Change::Insert(vec![(1, 10)])]);
+    let pipeline = |column: &str, initial: &str| {
+        format!(
+            "pipeline: w\ncheckpoint: ./lake/_checkpoints/w\nflows:\n  - name: f\n    source:\n      watermark: {{ table: ./lake/source, column: {column}{initial} }}\n    sink: {{ table: ./lake/t }}\n"
+        )
+    };
+    sandbox.pipeline(&pipeline("updated", ""));
+    let output = sandbox.run();
+    assert!(
+        output.stderr.contains("names `updated`, which the table does not have; it has: id, name, amount"),
+        "{}",
+        output.stderr
+    );
+    sandbox.pipeline(&pipeline("name", ""));
+    let output = sandbox.run();
+    assert!(output.stderr.contains("a watermark follows an integer, timestamp or date column"), "{}", output.stderr);
+    sandbox.pipeline(&pipeline("amount", ", initial_value: 2026-01-01"));
+    let output = sandbox.run();
+    assert!(output.stderr.contains("`watermark.initial_value` does not fit column `amount`"), "{}", output.stderr);
+}

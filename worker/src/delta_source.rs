@@ -17,6 +17,13 @@ use sluice_proto::task::DeltaReadKind;
 use url::Url;
 
 use crate::error::{ReadError, WorkerError};
+use crate::watermark;
+
+/// Rows whose `column` is beyond `after` (see [`watermark`]).
+pub struct FilterHint {
+    pub column: String,
+    pub after: i64,
+}
 
 pub const CHANGE_TYPE: &str = "_change_type";
 pub const COMMIT_VERSION: &str = "_commit_version";
@@ -96,8 +103,13 @@ pub fn explain(error: DeltaTableError) -> String {
 }
 
 /// Starts reading: the stream yields batches in the table's own shape, to be
-/// conformed to [`relation_schema`] by the caller.
-pub async fn read(url: &Url, kind: DeltaReadKind) -> Result<SendableRecordBatchStream, WorkerError> {
+/// conformed to [`relation_schema`] by the caller. `filter` (snapshots only)
+/// lets the scan skip files by their statistics.
+pub async fn read(
+    url: &Url,
+    kind: DeltaReadKind,
+    filter: Option<FilterHint>,
+) -> Result<SendableRecordBatchStream, WorkerError> {
     let ctx = SessionContext::new();
     match kind {
         DeltaReadKind::Changes { start, end } => {
@@ -115,7 +127,13 @@ pub async fn read(url: &Url, kind: DeltaReadKind) -> Result<SendableRecordBatchS
             let table = open_table(url, Some(version)).await.map_err(|e| source_error(url, e))?;
             table.update_datafusion_session(&ctx.state()).map_err(|e| source_error(url, e))?;
             let provider = table.table_provider().await.map_err(|e| source_error(url, e.into()))?;
-            let frame = ctx.read_table(provider).map_err(|e| WorkerError::Transform(e.to_string()))?;
+            let mut frame = ctx.read_table(provider).map_err(|e| WorkerError::Transform(e.to_string()))?;
+            if let Some(hint) = filter {
+                let data_type = frame.schema().field_with_unqualified_name(&hint.column).map(|f| f.data_type().clone());
+                if let Some(expr) = data_type.ok().and_then(|t| watermark::scan_hint(&hint.column, &t, hint.after)) {
+                    frame = frame.filter(expr).map_err(|e| WorkerError::Transform(e.to_string()))?;
+                }
+            }
             frame.execute_stream().await.map_err(|e| WorkerError::Transform(e.to_string()))
         }
     }

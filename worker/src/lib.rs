@@ -24,6 +24,7 @@ pub mod metadata;
 pub mod storage;
 pub mod task_runner;
 pub mod transform;
+pub mod watermark;
 pub mod worker_loop;
 
 pub use error::{ReadError, WorkerError};

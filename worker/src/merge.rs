@@ -142,9 +142,8 @@ pub async fn merge_changes(
     }
 
     // Counts by change.
-    for change in 0..resolved.num_rows() {
+    for (change, &key) in canonical.iter().enumerate() {
         let delete = deletes.value(change);
-        let key = canonical[change];
         match (stale.contains(&key), matched.contains(&key), delete) {
             (true, _, _) | (false, false, true) => counts.ignored += 1,
             (false, true, true) => counts.deleted += 1,

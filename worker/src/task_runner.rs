@@ -14,7 +14,7 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use sluice_proto::task::{DeltaRead, MergeCounts, TaskResult, TaskSpec};
+use sluice_proto::task::{DeltaRead, MergeCounts, TaskResult, TaskSpec, WatermarkRead};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,7 @@ use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
 use crate::storage::{ensure_local_dir, parse_url};
 use crate::transform;
+use crate::watermark::Cut;
 
 /// Data files are rolled over at about this size.
 pub const TARGET_FILE_SIZE: u64 = 128 << 20;
@@ -36,6 +37,8 @@ enum ReadEnd {
     Done {
         bytes: u64,
         files: u64,
+        /// For a watermark read: the highest value read.
+        watermark: Option<i64>,
     },
     Failed(ReadError),
     /// The consumer stopped first (it failed or the task was cancelled).
@@ -50,7 +53,13 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     let (reader, relation_schema) = match &task.delta_read {
         Some(read) => {
             let relation_schema = file_schema.clone();
-            let reader = tokio::spawn(read_delta(read.clone(), relation_schema.clone(), sender, cancel.clone()));
+            let reader = tokio::spawn(read_delta(
+                read.clone(),
+                task.watermark.clone(),
+                relation_schema.clone(),
+                sender,
+                cancel.clone(),
+            ));
             (reader, relation_schema)
         }
         None => {
@@ -76,7 +85,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
-        (ReadEnd::Done { bytes, files }, Ok(written)) => {
+        (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
             let encode_error = |e: serde_json::Error| WorkerError::Schema(format!("cannot encode an action: {e}"));
             let adds =
                 written.adds.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>().map_err(encode_error)?;
@@ -94,6 +103,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
                 bytes_read: bytes,
                 worker: worker.to_string(),
                 merge: written.merge,
+                watermark,
             })
         }
     }
@@ -108,6 +118,7 @@ async fn fail_read(sender: &mpsc::Sender<Result<RecordBatch, DataFusionError>>, 
 /// Streams a Delta table's change feed or snapshot, shaped as the relation.
 async fn read_delta(
     read: DeltaRead,
+    watermark: Option<WatermarkRead>,
     relation_schema: SchemaRef,
     sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
     cancel: CancellationToken,
@@ -126,7 +137,11 @@ async fn read_delta(
         Ok(url) => url,
         Err(e) => return fail(as_read_error(e)).await,
     };
-    let mut stream = match delta_source::read(&url, read.kind).await {
+    let hint = watermark
+        .as_ref()
+        .and_then(|w| w.after.map(|after| delta_source::FilterHint { column: w.column.clone(), after }));
+    let mut cut = watermark.map(Cut::new);
+    let mut stream = match delta_source::read(&url, read.kind, hint).await {
         Ok(stream) => stream,
         Err(e) => return fail(as_read_error(e)).await,
     };
@@ -138,6 +153,13 @@ async fn read_delta(
         let batch = match batch {
             Ok(batch) => batch,
             Err(e) => return fail(delta_source::stream_error(&read.table_url, e)).await,
+        };
+        let batch = match cut.as_mut().map(|c| c.apply(&batch)) {
+            None => batch,
+            Some(Ok(batch)) => batch,
+            Some(Err(message)) => {
+                return fail(ReadError { file: read.table_url.clone(), line: None, message, retryable: false }).await;
+            }
         };
         let batch = match conform_batch(&batch, &relation_schema) {
             Ok(batch) => batch,
@@ -154,7 +176,7 @@ async fn read_delta(
             failpoint::hit(failpoint::DURING_READ).await;
         }
     }
-    ReadEnd::Done { bytes: 0, files: 0 }
+    ReadEnd::Done { bytes: 0, files: 0, watermark: cut.and_then(|c| c.max) }
 }
 
 async fn read_files(
@@ -203,7 +225,7 @@ async fn read_files(
         }
         bytes += file.size;
     }
-    ReadEnd::Done { bytes, files: task.files.len() as u64 }
+    ReadEnd::Done { bytes, files: task.files.len() as u64, watermark: None }
 }
 
 /// What a task wrote.
