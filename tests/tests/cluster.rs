@@ -218,3 +218,34 @@ fn the_cli_submits_lists_stops_and_resumes_and_explains_errors() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&nowhere), "{stderr}");
 }
+
+#[test]
+fn the_medallion_example_runs_on_the_cluster_with_a_worker_killed_mid_task() {
+    let sandbox = Sandbox::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/retail-medallion");
+    sandbox.pipeline(&std::fs::read_to_string(example.join("pipeline.yaml")).expect("the example's pipeline"));
+    for name in ["invoices-00000.json", "invoices-00001.json"] {
+        let bytes = std::fs::read(example.join("landing/invoices").join(name)).expect("the example's file");
+        sandbox.write(&format!("landing/invoices/{name}"), bytes);
+    }
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator("");
+    let doomed = cluster.start_worker(2, "during_read");
+    submit(&cluster, &sandbox);
+    cluster.workers[doomed].wait_for("failpoint during_read reached", LONG);
+    cluster.start_worker(2, "");
+    cluster.workers[doomed].kill_hard();
+    cluster.wait_for_state(&sandbox, "retail-medallion", "completed", LONG);
+
+    // Silver merged, history and gold computed by workers, each committed once.
+    let silver = sandbox.path("lake/silver/invoices");
+    assert_eq!(query_i64(&silver, r#"SELECT COUNT(DISTINCT "InvoiceNumber") FROM t"#), 40);
+    assert_eq!(query_i64(&silver, "SELECT COUNT(*) FROM t"), 40);
+    let history = sandbox.path("lake/silver/invoice_history");
+    assert_eq!(query_i64(&history, "SELECT COUNT(*) FROM t WHERE __end_at IS NULL"), 40);
+    let gold = sandbox.path("lake/gold/daily_sales");
+    assert_eq!(query_i64(&gold, r#"SELECT CAST(SUM("Invoices") AS BIGINT) FROM t"#), 40);
+    for table in [&silver, &history, &gold] {
+        assert_eq!(txn_versions(table), vec![0], "{}: one batch, for bronze's version 0", table.display());
+    }
+}
