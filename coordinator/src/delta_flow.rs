@@ -12,10 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use deltalake::DeltaTable;
-use futures::TryStreamExt;
 use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef, WatermarkValue};
 use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec, WatermarkRead};
-use sluice_worker::delta_source::{explain, relation_schema};
+use sluice_worker::delta_source::{explain, file_bounds, relation_schema};
 use sluice_worker::watermark::WatermarkKind;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -134,32 +133,29 @@ impl DeltaFlowRunner {
                     (_, None) => Ok(None),
                     (WatermarkKind::Number, Some(WatermarkValue::Number(n)))
                     | (WatermarkKind::Time, Some(WatermarkValue::Micros(n))) => Ok(Some(n)),
-                    (kind, Some(_)) => Err(self.source_error(format!(
-                        "`watermark.{name}` does not fit column `{}`, which is {}: write {}",
-                        spec.column,
-                        if kind == WatermarkKind::Number { "a number" } else { "a time" },
-                        if kind == WatermarkKind::Number {
-                            "a number"
-                        } else if name == "lag" {
-                            "a duration such as `10m`"
-                        } else {
-                            "a timestamp such as `2026-01-31T00:00:00Z`"
-                        }
-                    ))),
+                    (kind, Some(_)) => {
+                        let (is, write) = match (kind, name) {
+                            (WatermarkKind::Number, _) => ("a number", "a number"),
+                            (WatermarkKind::Time, "lag") => ("a time", "a duration such as `10m`"),
+                            (WatermarkKind::Time, _) => ("a time", "a timestamp such as `2026-01-31T00:00:00Z`"),
+                        };
+                        Err(self.source_error(format!(
+                            "`watermark.{name}` does not fit column `{}`, which is {is}: write {write}",
+                            spec.column
+                        )))
+                    }
                 };
                 let initial = value("initial_value", spec.initial_value)?;
                 let lag = value("lag", spec.lag)?.unwrap_or(0);
-                let base = committed.and_then(|c| i64::try_from(c).ok()).or(initial);
-                if let Some(base) = base
+                let watermark = committed.and_then(|c| i64::try_from(c).ok());
+                if let Some(base) = watermark.or(initial)
                     && !self.may_hold_beyond(source, &spec.column, kind, base).await?
                 {
                     return Ok(None);
                 }
-                // The lag re-reads below the last watermark, never below `initial_value`.
-                let after = match (committed.and_then(|c| i64::try_from(c).ok()), initial) {
-                    (Some(watermark), initial) => Some(watermark.saturating_sub(lag).max(initial.unwrap_or(i64::MIN))),
-                    (None, initial) => initial,
-                };
+                // The lag re-reads below the last watermark, never below
+                // `initial_value` (`None` orders below every `Some`).
+                let after = watermark.map(|w| w.saturating_sub(lag)).max(initial);
                 let read = WatermarkRead { column: spec.column.clone(), after };
                 let kind = DeltaReadKind::Snapshot { version: latest };
                 Ok(Some(Planned { kind, batch: committed.unwrap_or(0), watermark: Some(read) }))
@@ -194,20 +190,10 @@ impl DeltaFlowRunner {
         kind: WatermarkKind,
         base: i64,
     ) -> Result<bool, CoordinatorError> {
-        let snapshot = source.snapshot().map_err(|e| self.source_error(e.to_string()))?;
-        let files: Vec<_> = snapshot
-            .snapshot()
-            .file_views(&source.log_store(), None)
-            .try_collect()
-            .await
-            .map_err(|e| self.source_error(e.to_string()))?;
-        Ok(files.iter().any(|file| {
-            let stats: Option<serde_json::Value> = file.stats().and_then(|s| serde_json::from_str(&s).ok());
-            let max = stats.as_ref().and_then(|s| s.get("maxValues")).and_then(|m| m.get(column));
-            match stats_upper_bound(max, kind) {
-                Some(max) => max > base,
-                None => true,
-            }
+        let files = file_bounds(source, column).await.map_err(|e| self.source_error(e.to_string()))?;
+        Ok(files.iter().any(|file| match stats_upper_bound(file.max.as_ref(), kind) {
+            Some(max) => max > base,
+            None => true,
         }))
     }
 
@@ -331,14 +317,7 @@ impl DeltaFlowRunner {
             info.insert("sluice.watermark.column".to_string(), read.column.clone().into());
             info.insert("sluice.watermark.after".to_string(), read.after.into());
         }
-        let work = BatchWork {
-            batch: planned.batch,
-            tasks,
-            delta_schema,
-            follows: Some(committed),
-            info,
-            watermark: planned.watermark.is_some(),
-        };
+        let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
         let Committed { version, rows, merge, batch } = self.ctx.execute_and_commit(work).await?;
         let Some(batch) = batch else {
             info!(flow, "nothing beyond the watermark; nothing committed");

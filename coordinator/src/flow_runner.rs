@@ -344,7 +344,6 @@ impl FlowRunner {
             delta_schema,
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
-            watermark: false,
         };
         let Committed { version, rows, merge, .. } = self.ctx.execute_and_commit(work).await?;
         let record = CommitRecord {
@@ -427,8 +426,6 @@ pub(crate) struct BatchWork {
     pub delta_schema: StructType,
     pub follows: Option<Option<u64>>,
     pub info: BTreeMap<String, serde_json::Value>,
-    /// The txn version is the highest watermark value the tasks read, not `batch`.
-    pub watermark: bool,
 }
 
 impl FlowContext {
@@ -503,13 +500,14 @@ impl FlowContext {
     }
 
     /// Publishes the batch's tasks, waits for them, and commits their output
-    /// with the flow's txn. Returns the new table version (`None` when the
-    /// batch was already in the table) and the rows written.
+    /// with the flow's txn.
     pub(crate) async fn execute_and_commit(&self, work: BatchWork) -> Result<Committed, CoordinatorError> {
         let flow = self.flow_name().to_string();
         let batch = work.batch;
         // A merge's output replaces files of the version its task read: it may land only on that version.
         let computed_on = work.tasks.iter().find_map(|t| t.merge.as_ref().map(|m| m.target_version));
+        // A watermark batch's txn version is the highest value its tasks read.
+        let watermark = work.tasks.iter().any(|t| t.watermark.is_some());
         let queue = TaskQueue { kv: self.kv.as_ref(), keys: &self.keys };
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         queue.publish(&work.tasks).await?;
@@ -517,7 +515,7 @@ impl FlowContext {
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         let results = results?;
 
-        let batch = match self.watermark_batch(batch, work.watermark, work.follows, &results)? {
+        let batch = match self.watermark_batch(batch, watermark, work.follows, &results)? {
             Some(batch) => batch,
             None => return Ok(Committed { batch: None, version: None, rows: 0, merge: None }),
         };

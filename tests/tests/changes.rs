@@ -39,6 +39,11 @@ flows:
     )
 }
 
+/// Newline-delimited JSON: one line per row.
+fn jsonl(rows: &[&str]) -> String {
+    rows.iter().map(|row| format!("{row}\n")).collect()
+}
+
 fn model_rows(model: &Model) -> String {
     model.rows.iter().map(|(id, amount)| format!("{id}:{amount}")).collect::<Vec<_>>().join(",")
 }
@@ -122,22 +127,15 @@ fn out_of_order_and_duplicate_changes_keep_the_newest() {
     let sandbox = Sandbox::new();
     sandbox.write(
         "landing/a.json",
-        concat!(
+        jsonl(&[
             r#"{"id": 1, "v": "first", "seq": 1, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 1, "v": "third", "seq": 3, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 1, "v": "second", "seq": 2, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 2, "v": "kept", "seq": 5, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 2, "v": "kept", "seq": 5, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 3, "v": "gone", "seq": 1, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 3, "v": "gone", "seq": 2, "op": "delete"}"#,
-            "\n",
-        ),
+        ]),
     );
     sandbox.pipeline(
         r#"
@@ -166,16 +164,12 @@ flows:
     // A later batch with a stale change (older than the table's) and a newer one.
     sandbox.write(
         "landing/b.json",
-        concat!(
+        jsonl(&[
             r#"{"id": 1, "v": "stale", "seq": 2, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 2, "v": "newer", "seq": 6, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 4, "v": "new", "seq": 1, "op": "upsert"}"#,
-            "\n",
             r#"{"id": 9, "v": "never", "seq": 1, "op": "delete"}"#,
-            "\n",
-        ),
+        ]),
     );
     sandbox.run_ok();
     let second = rows(&silver);
@@ -192,10 +186,9 @@ flows:
 #[test]
 fn scd2_places_late_changes_in_history_and_updates_untracked_columns_in_place() {
     let sandbox = Sandbox::new();
-    let lines = |rows: &[&str]| rows.iter().map(|r| format!("{r}\n")).collect::<String>();
     sandbox.write(
         "landing/a.json",
-        lines(&[
+        jsonl(&[
             r#"{"id": 1, "v": "a", "note": "x", "seq": 1, "op": "upsert"}"#,
             r#"{"id": 1, "v": "c", "note": "x", "seq": 3, "op": "upsert"}"#,
             r#"{"id": 2, "v": "p", "note": "x", "seq": 1, "op": "upsert"}"#,
@@ -237,7 +230,7 @@ flows:
 
     sandbox.write(
         "landing/b.json",
-        lines(&[
+        jsonl(&[
             // Late: lands between the versions it falls between.
             r#"{"id": 1, "v": "b", "note": "x", "seq": 2, "op": "upsert"}"#,
             // Only an untracked column changes: the current version is updated in place.
@@ -261,7 +254,7 @@ fn ignore_null_updates_keeps_the_values_an_update_leaves_out() {
     let sandbox = Sandbox::new();
     sandbox.write(
         "landing/a.json",
-        "{\"id\": 1, \"v\": \"a\", \"w\": \"x\", \"seq\": 1}\n{\"id\": 2, \"v\": \"b\", \"w\": \"x\", \"seq\": 1}\n",
+        jsonl(&[r#"{"id": 1, "v": "a", "w": "x", "seq": 1}"#, r#"{"id": 2, "v": "b", "w": "x", "seq": 1}"#]),
     );
     sandbox.pipeline(
         r#"
@@ -283,7 +276,11 @@ flows:
     // Updates that carry only some columns, and a new key with a NULL.
     sandbox.write(
         "landing/b.json",
-        "{\"id\": 1, \"w\": \"y\", \"seq\": 2}\n{\"id\": 2, \"v\": \"c\", \"seq\": 2}\n{\"id\": 3, \"v\": \"n\", \"seq\": 1}\n",
+        jsonl(&[
+            r#"{"id": 1, "w": "y", "seq": 2}"#,
+            r#"{"id": 2, "v": "c", "seq": 2}"#,
+            r#"{"id": 3, "v": "n", "seq": 1}"#,
+        ]),
     );
     sandbox.run_ok();
     let rows = single_value(

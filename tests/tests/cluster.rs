@@ -34,6 +34,19 @@ fn submit(cluster: &Cluster, sandbox: &Sandbox) {
     assert_eq!(output.code, Some(0), "submit failed: {output:?}");
 }
 
+/// Submits the sandbox's pipeline to a new cluster whose first worker stops
+/// at its first read; once a second worker is up, the first is SIGKILLed there.
+fn submit_and_kill_a_worker_mid_read(sandbox: &Sandbox) -> Cluster {
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator("");
+    let doomed = cluster.start_worker(2, "during_read");
+    submit(&cluster, sandbox);
+    cluster.workers[doomed].wait_for("failpoint during_read reached", LONG);
+    cluster.start_worker(2, "");
+    cluster.workers[doomed].kill_hard();
+    cluster
+}
+
 #[test]
 fn etcd_store_passes_the_conformance_suite() {
     let etcd = Etcd::start();
@@ -60,13 +73,7 @@ fn etcd_store_passes_the_conformance_suite() {
 fn a_worker_killed_mid_batch_loses_its_tasks_to_another_worker() {
     let sandbox = sandbox_with_files("killworker", 6, 3);
     let table = sandbox.path("lake/bronze/invoices");
-    let mut cluster = Cluster::new("3s");
-    cluster.start_coordinator("");
-    let doomed = cluster.start_worker(2, "during_read");
-    submit(&cluster, &sandbox);
-    cluster.workers[doomed].wait_for("failpoint during_read reached", LONG);
-    cluster.start_worker(2, "");
-    cluster.workers[doomed].kill_hard();
+    let cluster = submit_and_kill_a_worker_mid_read(&sandbox);
 
     let status = cluster.wait_for_state(&sandbox, "killworker", "completed", LONG);
     assert_eq!(status["flows"][0]["rows_done"], 300, "{status:#}");
@@ -228,13 +235,7 @@ fn the_medallion_example_runs_on_the_cluster_with_a_worker_killed_mid_task() {
         let bytes = std::fs::read(example.join("landing/invoices").join(name)).expect("the example's file");
         sandbox.write(&format!("landing/invoices/{name}"), bytes);
     }
-    let mut cluster = Cluster::new("3s");
-    cluster.start_coordinator("");
-    let doomed = cluster.start_worker(2, "during_read");
-    submit(&cluster, &sandbox);
-    cluster.workers[doomed].wait_for("failpoint during_read reached", LONG);
-    cluster.start_worker(2, "");
-    cluster.workers[doomed].kill_hard();
+    let cluster = submit_and_kill_a_worker_mid_read(&sandbox);
     cluster.wait_for_state(&sandbox, "retail-medallion", "completed", LONG);
 
     // Silver merged, history and gold computed by workers, each committed once.

@@ -12,18 +12,14 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
+use deltalake::kernel::LogicalFileView;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
-use sluice_proto::task::DeltaReadKind;
+use futures::TryStreamExt;
+use sluice_proto::task::{DeltaReadKind, WatermarkRead};
 use url::Url;
 
 use crate::error::{ReadError, WorkerError};
 use crate::watermark;
-
-/// Rows whose `column` is beyond `after` (see [`watermark`]).
-pub struct FilterHint {
-    pub column: String,
-    pub after: i64,
-}
 
 pub const CHANGE_TYPE: &str = "_change_type";
 pub const COMMIT_VERSION: &str = "_commit_version";
@@ -38,6 +34,28 @@ pub fn relation_schema(table: &Schema, kind: DeltaReadKind) -> SchemaRef {
         fields.push(Field::new(COMMIT_TIMESTAMP, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true));
     }
     Arc::new(Schema::new(fields))
+}
+
+/// A data file of a table's snapshot, with the minimum and maximum its
+/// statistics give for one column (`None` where they give none).
+pub struct FileBounds {
+    pub file: LogicalFileView,
+    pub min: Option<serde_json::Value>,
+    pub max: Option<serde_json::Value>,
+}
+
+/// Every data file of `table`'s snapshot, with its statistics' bounds for `column`.
+pub async fn file_bounds(table: &DeltaTable, column: &str) -> Result<Vec<FileBounds>, DeltaTableError> {
+    let snapshot = table.snapshot()?;
+    let files: Vec<LogicalFileView> = snapshot.snapshot().file_views(&table.log_store(), None).try_collect().await?;
+    Ok(files
+        .into_iter()
+        .map(|file| {
+            let stats: Option<serde_json::Value> = file.stats().and_then(|s| serde_json::from_str(&s).ok());
+            let bound = |which: &str| stats.as_ref().and_then(|s| s.get(which)).and_then(|m| m.get(column)).cloned();
+            FileBounds { min: bound("minValues"), max: bound("maxValues"), file }
+        })
+        .collect())
 }
 
 /// Opens a table at a version (the latest when `None`).
@@ -103,12 +121,13 @@ pub fn explain(error: DeltaTableError) -> String {
 }
 
 /// Starts reading: the stream yields batches in the table's own shape, to be
-/// conformed to [`relation_schema`] by the caller. `filter` (snapshots only)
-/// lets the scan skip files by their statistics.
+/// conformed to [`relation_schema`] by the caller. A `watermark` (snapshots
+/// only) lets the scan skip files by their statistics; the exact cut is the
+/// caller's ([`watermark::Cut`]).
 pub async fn read(
     url: &Url,
     kind: DeltaReadKind,
-    filter: Option<FilterHint>,
+    watermark: Option<&WatermarkRead>,
 ) -> Result<SendableRecordBatchStream, WorkerError> {
     let ctx = SessionContext::new();
     match kind {
@@ -128,9 +147,9 @@ pub async fn read(
             table.update_datafusion_session(&ctx.state()).map_err(|e| source_error(url, e))?;
             let provider = table.table_provider().await.map_err(|e| source_error(url, e.into()))?;
             let mut frame = ctx.read_table(provider).map_err(|e| WorkerError::Transform(e.to_string()))?;
-            if let Some(hint) = filter {
-                let data_type = frame.schema().field_with_unqualified_name(&hint.column).map(|f| f.data_type().clone());
-                if let Some(expr) = data_type.ok().and_then(|t| watermark::scan_hint(&hint.column, &t, hint.after)) {
+            if let Some(WatermarkRead { column, after: Some(after) }) = watermark {
+                let data_type = frame.schema().field_with_unqualified_name(column).map(|f| f.data_type().clone());
+                if let Some(expr) = data_type.ok().and_then(|t| watermark::scan_hint(column, &t, *after)) {
                     frame = frame.filter(expr).map_err(|e| WorkerError::Transform(e.to_string()))?;
                 }
             }

@@ -193,17 +193,15 @@ impl Events {
             keys.row(a).cmp(&keys.row(b)).then_with(|| sequences.row(a).cmp(&sequences.row(b))).then(a.cmp(&b))
         });
 
-        let mut values: Vec<u64> = Vec::new();
-        let mut starts: Vec<u64> = Vec::new();
-        let mut ends: Vec<Option<u64>> = Vec::new();
+        // Versions as indices of events: the one holding its values, the one
+        // that opened it, the one that closed it.
+        let mut versions: Vec<(usize, usize, Option<usize>)> = Vec::new();
         // The current version of the key being walked: its values and its start.
         let mut current: Option<(usize, usize)> = None;
         for (position, &event) in events.iter().enumerate() {
             let first_of_key = position == 0 || keys.row(events[position - 1]) != keys.row(event);
             if first_of_key && let Some((value, start)) = current.take() {
-                values.push(value as u64);
-                starts.push(start as u64);
-                ends.push(None);
+                versions.push((value, start, None));
             }
             // A later change of the same key and sequence replaces this one.
             let replaced = events
@@ -217,9 +215,7 @@ impl Events {
             let outcome = if self.delete[event] {
                 match current.take() {
                     Some((value, start)) => {
-                        values.push(value as u64);
-                        starts.push(start as u64);
-                        ends.push(Some(event as u64));
+                        versions.push((value, start, Some(event)));
                         &mut counts.deleted
                     }
                     None => &mut counts.ignored,
@@ -232,9 +228,7 @@ impl Events {
                         &mut counts.updated
                     }
                     Some((value, start)) => {
-                        values.push(value as u64);
-                        starts.push(start as u64);
-                        ends.push(Some(event as u64));
+                        versions.push((value, start, Some(event)));
                         current = Some((event, event));
                         &mut counts.updated
                     }
@@ -247,17 +241,15 @@ impl Events {
             *outcome += u64::from(from_batch);
         }
         if let Some((value, start)) = current {
-            values.push(value as u64);
-            starts.push(start as u64);
-            ends.push(None);
+            versions.push((value, start, None));
         }
 
         let take = |column: &ArrayRef, indices: &UInt64Array| {
             arrow::compute::take(column, indices, None).map_err(transform_error)
         };
-        let values = UInt64Array::from(values);
-        let starts = UInt64Array::from(starts);
-        let ends = UInt64Array::from(ends);
+        let values: UInt64Array = versions.iter().map(|v| Some(v.0 as u64)).collect();
+        let starts: UInt64Array = versions.iter().map(|v| Some(v.1 as u64)).collect();
+        let ends: UInt64Array = versions.iter().map(|v| v.2.map(|e| e as u64)).collect();
         let columns: Vec<ArrayRef> = self
             .table_schema
             .fields()

@@ -42,7 +42,7 @@ use sluice_proto::task::MergeCounts;
 use url::Url;
 
 use crate::conform::conform_batch;
-use crate::delta_source::{CHANGE_TYPE, open_table};
+use crate::delta_source::{CHANGE_TYPE, FileBounds, file_bounds, open_table};
 use crate::error::WorkerError;
 use crate::task_runner::TARGET_FILE_SIZE;
 use crate::transform::{session_context, sql_options};
@@ -475,14 +475,9 @@ pub(crate) async fn candidate_files(
     keys: &ArrayRef,
 ) -> Result<Vec<TargetFile>, WorkerError> {
     let bounds = KeyBounds::of(keys);
-    let snapshot = table.snapshot()?;
-    let files: Vec<_> = snapshot.snapshot().file_views(&table.log_store(), None).try_collect().await?;
     let mut candidates = Vec::new();
-    for file in files {
-        let stats: Option<serde_json::Value> = file.stats().and_then(|s| serde_json::from_str(&s).ok());
-        let min = stats.as_ref().and_then(|s| s.get("minValues")).and_then(|m| m.get(key));
-        let max = stats.as_ref().and_then(|s| s.get("maxValues")).and_then(|m| m.get(key));
-        if let (Some(bounds), Some(min), Some(max)) = (&bounds, min, max)
+    for FileBounds { file, min, max } in file_bounds(table, key).await? {
+        if let (Some(bounds), Some(min), Some(max)) = (&bounds, &min, &max)
             && !bounds.any_within(min, max)
         {
             continue;

@@ -137,14 +137,11 @@ async fn read_delta(
         Ok(url) => url,
         Err(e) => return fail(as_read_error(e)).await,
     };
-    let hint = watermark
-        .as_ref()
-        .and_then(|w| w.after.map(|after| delta_source::FilterHint { column: w.column.clone(), after }));
-    let mut cut = watermark.map(Cut::new);
-    let mut stream = match delta_source::read(&url, read.kind, hint).await {
+    let mut stream = match delta_source::read(&url, read.kind, watermark.as_ref()).await {
         Ok(stream) => stream,
         Err(e) => return fail(as_read_error(e)).await,
     };
+    let mut cut = watermark.map(Cut::new);
     let mut first_batch = true;
     while let Some(batch) = stream.next().await {
         if cancel.is_cancelled() {
