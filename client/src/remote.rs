@@ -270,6 +270,11 @@ pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
             "current_batch": (f.current_batch > 0).then_some(f.current_batch),
             "caught_up": f.caught_up,
             "last_error": f.last_error,
+            "quarantine": f.quarantine,
+            "quarantined_rows": f.quarantined_rows,
+            "malformed_rows": f.malformed_rows,
+            "unreadable_files": f.unreadable_files,
+            "expectations_failed": f.expectations_failed,
             "tasks": f.tasks.iter().map(|t| serde_json::json!({
                 "batch": t.batch, "index": t.index, "worker": t.worker, "files": t.files,
                 "bytes": t.bytes, "attempt": t.attempt, "done": t.done,
@@ -310,6 +315,18 @@ pub fn status_text(status: &PipelineStatus) -> String {
             if f.caught_up { "; caught up" } else { "" },
         );
         let _ = writeln!(out, "  table: {}", f.table);
+        if f.quarantined_rows > 0 {
+            let _ = writeln!(
+                out,
+                "  quarantined: {} rows ({} malformed records, {} unreadable files) -> {}",
+                f.quarantined_rows, f.malformed_rows, f.unreadable_files, f.quarantine
+            );
+        }
+        if !f.expectations_failed.is_empty() {
+            let counts: Vec<String> =
+                f.expectations_failed.iter().map(|(name, failed)| format!("{name}: {failed} failed")).collect();
+            let _ = writeln!(out, "  expectations: {}", counts.join(", "));
+        }
         for t in &f.tasks {
             let state = if t.done {
                 "done".to_string()

@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 
 use bytesize::ByteSize;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sluice_coordinator::progress::{BatchReport, ProgressEvent, RunSummary};
-use sluice_proto::task::MergeCounts;
+use sluice_coordinator::progress::{BatchReport, FlowSummary, ProgressEvent, RunSummary};
+use sluice_proto::task::{MergeCounts, Quality};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Prints events until the sender side is dropped.
@@ -106,9 +106,10 @@ fn committed_line(report: &BatchReport) -> String {
         Some(version) => format!("Delta version {version}"),
         None => "already in the table".to_string(),
     };
+    let quality = report.quality.as_ref().map(quality_counts).unwrap_or_default();
     if let Some((first, last)) = report.source_versions {
         return format!(
-            "{}: batch {} committed: source versions {first} to {last}, {} written{} in {:.2}s -> {version}",
+            "{}: batch {} committed: source versions {first} to {last}, {} written{}{quality} in {:.2}s -> {version}",
             report.flow,
             report.batch,
             plural(report.rows, "row"),
@@ -117,7 +118,7 @@ fn committed_line(report: &BatchReport) -> String {
         );
     }
     format!(
-        "{}: batch {} committed: {}, {}, {} in {:.2}s -> {version}",
+        "{}: batch {} committed: {}, {}{quality}, {} in {:.2}s -> {version}",
         report.flow,
         report.batch,
         plural(report.files, "file"),
@@ -125,6 +126,58 @@ fn committed_line(report: &BatchReport) -> String {
         ByteSize(report.bytes),
         report.seconds
     )
+}
+
+/// ` (3 malformed, 1 unreadable file, 2 failing expectations)`: bad input
+/// found, when there was any.
+fn quality_counts(quality: &Quality) -> String {
+    let failing: u64 = quality.expectations.values().map(|c| c.failed).sum();
+    let mut counts = Vec::new();
+    if quality.malformed_rows > 0 {
+        counts.push(format!("{} malformed", quality.malformed_rows));
+    }
+    if quality.unreadable_files > 0 {
+        counts.push(plural(quality.unreadable_files, "unreadable file"));
+    }
+    if failing > 0 {
+        counts.push(format!("{failing} failing expectations"));
+    }
+    if counts.is_empty() { String::new() } else { format!(" ({})", counts.join(", ")) }
+}
+
+/// The lines under a flow's summary about bad input: what went to quarantine,
+/// and each expectation's count.
+fn quality_lines(flow: &FlowSummary) -> Vec<String> {
+    let Some(quality) = &flow.quality else { return Vec::new() };
+    let mut lines = Vec::new();
+    if quality.quarantined_rows > 0 {
+        let mut parts = Vec::new();
+        if quality.malformed_rows > 0 {
+            parts.push(plural(quality.malformed_rows, "malformed record"));
+        }
+        if quality.unreadable_files > 0 {
+            parts.push(plural(quality.unreadable_files, "unreadable file"));
+        }
+        let by_expectation = quality.quarantined_rows - quality.malformed_rows - quality.unreadable_files;
+        if by_expectation > 0 {
+            parts.push(format!("{} failing expectations", plural(by_expectation, "row")));
+        }
+        lines.push(format!(
+            "    quarantined: {} ({}) -> {}",
+            plural(quality.quarantined_rows, "row"),
+            parts.join(", "),
+            flow.quarantine
+        ));
+    }
+    if !quality.expectations.is_empty() {
+        let counts: Vec<String> = quality
+            .expectations
+            .iter()
+            .map(|(name, count)| format!("{name}: {} failed ({})", count.failed, count.action))
+            .collect();
+        lines.push(format!("    expectations: {}", counts.join(", ")));
+    }
+    lines
 }
 
 /// ` (5 inserted, 2 updated, ...)`: the merge's non-zero counts of changes.
@@ -169,6 +222,7 @@ pub fn summary_lines(summary: &RunSummary) -> Vec<String> {
             merge_counts(flow.merge.as_ref()),
             flow.table
         ));
+        lines.extend(quality_lines(flow));
     }
     if let Some(peak) = peak_rss_bytes() {
         lines.push(format!("  peak memory: {}", ByteSize(peak)));

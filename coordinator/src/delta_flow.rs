@@ -293,6 +293,9 @@ impl DeltaFlowRunner {
                 delta_read: Some(DeltaRead { table_url: self.table.url.to_string(), kind }),
                 merge: merge.clone(),
                 watermark: planned.watermark.clone(),
+                on_malformed: Default::default(),
+                expectations: self.ctx.flow.expectations.clone(),
+                quarantine_url: self.ctx.flow.quarantine.to_string(),
             })
             .collect();
         let (first, last) = match planned.kind {
@@ -318,7 +321,7 @@ impl DeltaFlowRunner {
             info.insert("sluice.watermark.after".to_string(), read.after.into());
         }
         let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
-        let Committed { version, rows, merge, batch } = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge, batch, quality } = self.ctx.execute_and_commit(work).await?;
         let Some(batch) = batch else {
             info!(flow, "nothing beyond the watermark; nothing committed");
             return Ok(None);
@@ -335,6 +338,7 @@ impl DeltaFlowRunner {
             version,
             source_versions: Some((first, last)),
             merge,
+            quality: (!quality.is_empty()).then_some(quality),
         }))
     }
 }

@@ -19,13 +19,15 @@ use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::spec::{FilesSource, FlowSpec, SchemaSpec, SinkMode};
-use sluice_proto::task::{MergeCounts, MergeTask, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
+use sluice_proto::task::{MergeCounts, MergeTask, Quality, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
 use sluice_proto::timing::LeaseTimings;
+use sluice_worker::expectations::Expectations;
 use sluice_worker::failpoint;
 use sluice_worker::formats::{InferLimits, infer_schema};
 use sluice_worker::history;
 use sluice_worker::merge::check_merge_columns;
 use sluice_worker::metadata::with_metadata_field;
+use sluice_worker::quarantine;
 use sluice_worker::transform;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -321,6 +323,7 @@ impl FlowRunner {
                 version: None,
                 source_versions: None,
                 merge: None,
+                quality: None,
             });
         }
         let relation = with_metadata_field(&source_schema)
@@ -345,7 +348,7 @@ impl FlowRunner {
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
         };
-        let Committed { version, rows, merge, .. } = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge, quality, .. } = self.ctx.execute_and_commit(work).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -366,6 +369,7 @@ impl FlowRunner {
             version,
             source_versions: None,
             merge,
+            quality: (!quality.is_empty()).then_some(quality),
         })
     }
 
@@ -403,6 +407,9 @@ impl FlowRunner {
                 delta_read: None,
                 merge: merge.clone(),
                 watermark: None,
+                on_malformed: source.on_malformed,
+                expectations: self.ctx.flow.expectations.clone(),
+                quarantine_url: self.ctx.flow.quarantine.to_string(),
             })
             .collect()
     }
@@ -417,6 +424,8 @@ pub(crate) struct Committed {
     pub version: Option<i64>,
     pub rows: u64,
     pub merge: Option<MergeCounts>,
+    /// Bad input found and expectation counts, summed over the tasks.
+    pub quality: Quality,
 }
 
 /// One batch's tasks and what its commit needs.
@@ -464,6 +473,7 @@ impl FlowContext {
         let produced = transform::output_schema(relation.clone(), self.flow.transform.as_deref())
             .await
             .map_err(|source| CoordinatorError::Worker { flow: flow.clone(), source })?;
+        Expectations::compile(&self.flow.expectations, &Arc::new(produced.clone())).map_err(&schema_error)?;
         let produced = match &self.flow.sink.merge {
             Some(merge) => {
                 check_merge_columns(merge, &produced).map_err(&schema_error)?;
@@ -517,9 +527,10 @@ impl FlowContext {
 
         let batch = match self.watermark_batch(batch, watermark, work.follows, &results)? {
             Some(batch) => batch,
-            None => return Ok(Committed { batch: None, version: None, rows: 0, merge: None }),
+            None => {
+                return Ok(Committed { batch: None, version: None, rows: 0, merge: None, quality: Quality::default() });
+            }
         };
-        failpoint::hit(failpoint::BEFORE_COMMIT).await;
         let rows: u64 = results.iter().map(|r| r.rows).sum();
         let malformed = |e: serde_json::Error| CoordinatorError::BatchFailed {
             flow: flow.clone(),
@@ -529,12 +540,21 @@ impl FlowContext {
         };
         let adds: Vec<Add> = decode_actions(results.iter().flat_map(|r| &r.adds)).map_err(malformed)?;
         let removes: Vec<Remove> = decode_actions(results.iter().flat_map(|r| &r.removes)).map_err(malformed)?;
+        let quarantined: Vec<Add> =
+            decode_actions(results.iter().flat_map(|r| &r.quarantine_adds)).map_err(malformed)?;
+        let quality = results.iter().fold(Quality::default(), |sum, r| sum.plus(&r.quality));
         let mut info = work.info;
         info.insert("sluice.rows".to_string(), rows.into());
         let merge = results.iter().filter_map(|r| r.merge).reduce(MergeCounts::plus);
         for (name, value) in merge.iter().flat_map(MergeCounts::named) {
             info.insert(format!("sluice.merge.{name}"), value.into());
         }
+        quality_info(&quality, &mut info);
+        // The quarantine first, under the same txn: a retry finds it there and adds nothing twice.
+        if !quarantined.is_empty() {
+            self.commit_quarantine(batch, quarantined, &info).await?;
+        }
+        failpoint::hit(failpoint::BEFORE_COMMIT).await;
         let kind = match self.flow.sink.mode {
             SinkMode::Append => CommitKind::Append,
             SinkMode::Merge => CommitKind::Merge,
@@ -554,19 +574,51 @@ impl FlowContext {
             properties: self.flow.sink.properties.clone(),
             info,
         };
-        self.wait_for_fence(batch).await?;
-        let outcome = commit_batch(&request).await.map_err(|e| CoordinatorError::CommitFailed {
-            flow: flow.clone(),
-            batch,
-            table: request.table_url.to_string(),
-            message: e.to_string(),
-        })?;
+        let outcome = self.fenced_commit(&request).await?;
         failpoint::hit(failpoint::AFTER_COMMIT).await;
         let version = match outcome {
             CommitOutcome::Committed { version } => Some(version),
             CommitOutcome::AlreadyCommitted => None,
         };
-        Ok(Committed { batch: Some(batch), version, rows, merge })
+        Ok(Committed { batch: Some(batch), version, rows, merge, quality })
+    }
+
+    /// Commits a batch's quarantine files to the flow's quarantine table.
+    async fn commit_quarantine(
+        &self,
+        batch: u64,
+        adds: Vec<Add>,
+        info: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<(), CoordinatorError> {
+        let flow = self.flow_name().to_string();
+        let request = BatchCommit {
+            table_url: self.flow.quarantine.clone(),
+            app_id: self.flow.app_id(&self.pipeline),
+            batch,
+            adds,
+            removes: Vec::new(),
+            kind: CommitKind::Append,
+            computed_on: None,
+            follows: None,
+            schema: quarantine::schema().0.clone(),
+            partition_by: Vec::new(),
+            properties: BTreeMap::new(),
+            info: info.clone(),
+        };
+        let outcome = self.fenced_commit(&request).await?;
+        info!(flow, batch, table = %request.table_url, ?outcome, "quarantine committed");
+        Ok(())
+    }
+
+    /// Commits `request` if this process still holds the right to commit.
+    async fn fenced_commit(&self, request: &BatchCommit) -> Result<CommitOutcome, CoordinatorError> {
+        self.wait_for_fence(request.batch).await?;
+        commit_batch(request).await.map_err(|e| CoordinatorError::CommitFailed {
+            flow: self.flow_name().to_string(),
+            batch: request.batch,
+            table: request.table_url.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// The txn version a batch commits with: its own number, or for a watermark
@@ -677,6 +729,20 @@ impl FlowContext {
             }
         }
         Ok(done.into_values().collect())
+    }
+}
+
+/// A batch's bad-input counts, as commitInfo keys.
+fn quality_info(quality: &Quality, info: &mut BTreeMap<String, serde_json::Value>) {
+    if quality.is_empty() {
+        return;
+    }
+    info.insert("sluice.quarantined_rows".to_string(), quality.quarantined_rows.into());
+    info.insert("sluice.malformed_rows".to_string(), quality.malformed_rows.into());
+    info.insert("sluice.unreadable_files".to_string(), quality.unreadable_files.into());
+    if !quality.expectations.is_empty() {
+        let expectations = serde_json::to_value(&quality.expectations).unwrap_or_default();
+        info.insert("sluice.expectations".to_string(), expectations);
     }
 }
 

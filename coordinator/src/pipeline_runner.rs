@@ -60,7 +60,12 @@ pub async fn run_pipeline(
     let mut summaries: Vec<FlowSummary> = spec
         .flows
         .iter()
-        .map(|f| FlowSummary { name: f.name.clone(), table: f.sink.table.to_string(), ..Default::default() })
+        .map(|f| FlowSummary {
+            name: f.name.clone(),
+            table: f.sink.table.to_string(),
+            quarantine: f.quarantine.to_string(),
+            ..Default::default()
+        })
         .collect();
     let result = run_rounds(spec, &env, &cancel, &mut summaries).await;
     let summary = RunSummary::from_flows(&spec.name, summaries, started.elapsed().as_secs_f64());

@@ -1,7 +1,7 @@
 //! What a run reports while it works, and its summary.
 
 use serde::Serialize;
-use sluice_proto::task::MergeCounts;
+use sluice_proto::task::{MergeCounts, Quality};
 
 #[derive(Debug, Clone)]
 pub enum ProgressEvent {
@@ -83,12 +83,17 @@ pub struct BatchReport {
     /// For a merge sink: what the merge did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeCounts>,
+    /// Bad input quarantined and expectation counts, when there were any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FlowSummary {
     pub name: String,
     pub table: String,
+    /// The flow's quarantine table.
+    pub quarantine: String,
     pub batches: u64,
     pub files: u64,
     pub rows: u64,
@@ -101,6 +106,9 @@ pub struct FlowSummary {
     /// For a merge sink: what this run's merges did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeCounts>,
+    /// Bad input quarantined and expectation counts of this run, when there were any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Quality>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -127,6 +135,9 @@ impl FlowSummary {
         }
         if let Some(merge) = report.merge {
             self.merge = Some(self.merge.unwrap_or_default().plus(merge));
+        }
+        if let Some(quality) = &report.quality {
+            self.quality = Some(self.quality.take().unwrap_or_default().plus(quality));
         }
     }
 }

@@ -2,19 +2,8 @@
 //! against an existing table before any task runs.
 
 use arrow::datatypes::{DataType, Schema};
-use deltalake::kernel::StructType;
-use deltalake::kernel::engine::arrow_conversion::{TryFromArrow, TryIntoArrow};
 
-/// The Delta schema for an Arrow schema, and the Arrow schema Delta reads back
-/// for it: rows are cast to the latter before writing, so data files match the
-/// table exactly (list element names, timestamp units).
-pub fn to_delta(schema: &Schema) -> Result<(StructType, Schema), String> {
-    let delta =
-        StructType::try_from_arrow(schema).map_err(|e| format!("the flow's output cannot be stored in Delta: {e}"))?;
-    let arrow: Schema =
-        (&delta).try_into_arrow().map_err(|e| format!("cannot map the Delta schema back to Arrow: {e}"))?;
-    Ok((delta, arrow))
-}
+pub use sluice_worker::conform::to_delta;
 
 /// Checks that rows of `produced` can be appended to a table with `table`'s schema.
 /// A column the flow does not produce is written as NULL; a column the table

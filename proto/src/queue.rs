@@ -185,6 +185,9 @@ mod tests {
             delta_read: None,
             merge: None,
             watermark: None,
+            on_malformed: Default::default(),
+            expectations: vec![],
+            quarantine_url: "file:///t_quarantine/".into(),
         }
     }
 

@@ -60,6 +60,21 @@ pub struct RawFlow {
     #[serde(default)]
     pub transform: Option<String>,
     pub sink: RawSink,
+    #[serde(default)]
+    pub expectations: Vec<RawExpectation>,
+    /// Where rows that cannot be decoded or that fail a `quarantine`
+    /// expectation go (default: the sink's location with `_quarantine` appended).
+    #[serde(default)]
+    pub quarantine: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExpectation {
+    pub name: String,
+    pub expr: String,
+    #[serde(default)]
+    pub on_violation: OnViolation,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +140,8 @@ pub struct RawFilesSource {
     pub allow_overwrites: bool,
     #[serde(default)]
     pub csv: Option<CsvOptions>,
+    #[serde(default)]
+    pub on_malformed: OnMalformed,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +200,57 @@ pub struct FlowSpec {
     /// DataFusion SQL over the relation `source`; `None` means `SELECT * FROM source`.
     pub transform: Option<String>,
     pub sink: SinkSpec,
+    /// Checks on the flow's output rows, in the order written.
+    pub expectations: Vec<Expectation>,
+    /// The Delta table of rows that could not be decoded or failed a
+    /// `quarantine` expectation, and of files that could not be read.
+    pub quarantine: Url,
+}
+
+/// A named check on each output row of a flow, and what a failing row does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expectation {
+    pub name: String,
+    /// A SQL predicate over the flow's output; a row fails it when it is false
+    /// (NULL passes, as in a SQL CHECK constraint).
+    pub expr: String,
+    pub on_violation: OnViolation,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnViolation {
+    /// Keep the row and count it.
+    #[default]
+    Warn,
+    /// Leave the row out and count it.
+    Drop,
+    /// Move the row to the quarantine table, with the expectations it failed.
+    Quarantine,
+    /// Fail the batch; nothing is committed.
+    Fail,
+}
+
+impl OnViolation {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnViolation::Warn => "warn",
+            OnViolation::Drop => "drop",
+            OnViolation::Quarantine => "quarantine",
+            OnViolation::Fail => "fail",
+        }
+    }
+}
+
+/// What a record of a source file that cannot be decoded does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMalformed {
+    /// Goes to the quarantine table with its file, line, text and error; the batch goes on.
+    #[default]
+    Quarantine,
+    /// Fails the batch with the file, the line and the error.
+    Fail,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +346,7 @@ pub struct FilesSource {
     pub max_bytes_per_batch: Option<u64>,
     pub allow_overwrites: bool,
     pub csv: CsvOptions,
+    pub on_malformed: OnMalformed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +485,16 @@ impl PipelineSpec {
                     format!("flow `{}` writes to the same table; each flow needs its own sink", other.name),
                 ));
             }
+            let tables = |f: &FlowSpec| [f.sink.table.clone(), f.quarantine.clone()];
+            if let Some(other) = flows.iter().find(|f| tables(f).iter().any(|t| tables(&flow).contains(t))) {
+                return Err(SpecError::invalid(
+                    format!("flows[{index}].quarantine"),
+                    format!(
+                        "flow `{}` uses the same table for its sink or quarantine; give `quarantine:` a location of its own",
+                        other.name
+                    ),
+                ));
+            }
             flows.push(flow);
         }
         resolve_flow_references(&mut flows)?;
@@ -515,8 +594,47 @@ impl FlowSpec {
                 "re-reads rows below the watermark, which an append sink would add twice; use `mode: merge` with the table's keys",
             ));
         }
-        Ok(Self { name: raw.name, source, transform, sink })
+        let quarantine = match raw.quarantine.as_deref() {
+            Some(text) => parse_location(&format!("{field}.quarantine"), text, base_dir)?,
+            None => default_quarantine(&sink.table),
+        };
+        if quarantine == sink.table {
+            return Err(SpecError::invalid(format!("{field}.quarantine"), "must not be the sink's own table"));
+        }
+        let expectations = parse_expectations(raw.expectations, field)?;
+        Ok(Self { name: raw.name, source, transform, sink, expectations, quarantine })
     }
+}
+
+/// The sink's location with `_quarantine` appended to its last segment.
+fn default_quarantine(sink: &Url) -> Url {
+    let mut url = sink.clone();
+    let path = sink.path().trim_end_matches('/');
+    url.set_path(&format!("{path}_quarantine"));
+    url
+}
+
+fn parse_expectations(raw: Vec<RawExpectation>, field: &str) -> Result<Vec<Expectation>, SpecError> {
+    let mut expectations: Vec<Expectation> = Vec::with_capacity(raw.len());
+    for (index, expectation) in raw.into_iter().enumerate() {
+        let field = format!("{field}.expectations[{index}]");
+        validate_name(&format!("{field}.name"), &expectation.name)?;
+        if expectations.iter().any(|e| e.name == expectation.name) {
+            return Err(SpecError::invalid(
+                format!("{field}.name"),
+                format!("expectation `{}` is defined twice; names must be unique in a flow", expectation.name),
+            ));
+        }
+        if expectation.expr.trim().is_empty() {
+            return Err(SpecError::invalid(format!("{field}.expr"), "is empty; write a SQL predicate"));
+        }
+        expectations.push(Expectation {
+            name: expectation.name,
+            expr: expectation.expr,
+            on_violation: expectation.on_violation,
+        });
+    }
+    Ok(expectations)
 }
 
 impl SourceSpec {
@@ -661,6 +779,7 @@ impl FilesSource {
             max_bytes_per_batch,
             allow_overwrites: raw.allow_overwrites,
             csv: raw.csv.unwrap_or_default(),
+            on_malformed: raw.on_malformed,
         })
     }
 }

@@ -8,7 +8,9 @@
 use arrow_schema::Schema;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{CsvOptions, Format, MergeSpec};
+use std::collections::BTreeMap;
+
+use crate::spec::{CsvOptions, Expectation, Format, MergeSpec, OnMalformed};
 
 /// One source file as discovered: its identity is path + size + modification time (+ etag).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,6 +66,15 @@ pub struct TaskSpec {
     /// Set for a watermark source: only rows beyond `after` are read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<WatermarkRead>,
+    /// What a record that cannot be decoded does.
+    #[serde(default)]
+    pub on_malformed: OnMalformed,
+    /// Checks on the output rows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expectations: Vec<Expectation>,
+    /// The quarantine table's root URL: rows and files that cannot be read, and
+    /// rows failing a `quarantine` expectation, are written below it.
+    pub quarantine_url: String,
 }
 
 /// What a task reads from a Delta table. `source_schema` is then the relation's
@@ -147,6 +158,57 @@ pub struct TaskResult {
     /// For a watermark source: the highest value of the column among the rows read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<i64>,
+    /// Delta `Add` actions for quarantine data files, as JSON; committed to the
+    /// quarantine table before the batch's own commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantine_adds: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Quality::is_empty")]
+    pub quality: Quality,
+}
+
+/// What a task found wrong with its input, and what it did about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quality {
+    /// Records that could not be decoded (quarantined).
+    #[serde(default)]
+    pub malformed_rows: u64,
+    /// Files that could not be read (one quarantine entry each).
+    #[serde(default)]
+    pub unreadable_files: u64,
+    /// Rows written to the quarantine table, of every kind.
+    #[serde(default)]
+    pub quarantined_rows: u64,
+    /// Output rows that failed each expectation.
+    #[serde(default)]
+    pub expectations: BTreeMap<String, ExpectationCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectationCount {
+    /// `warn`, `drop`, `quarantine` or `fail`.
+    pub action: String,
+    pub failed: u64,
+}
+
+impl Quality {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The counts of both, summed.
+    pub fn plus(mut self, other: &Self) -> Self {
+        self.malformed_rows += other.malformed_rows;
+        self.unreadable_files += other.unreadable_files;
+        self.quarantined_rows += other.quarantined_rows;
+        for (name, count) in &other.expectations {
+            let entry = self
+                .expectations
+                .entry(name.clone())
+                .or_insert_with(|| ExpectationCount { action: count.action.clone(), failed: 0 });
+            entry.failed += count.failed;
+        }
+        self
+    }
 }
 
 /// Which rows of a watermark source a task reads: those whose `column`, as a

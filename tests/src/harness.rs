@@ -175,6 +175,15 @@ pub fn query_i64(table: &Path, sql: &str) -> i64 {
     column.as_any().downcast_ref::<arrow::array::Int64Array>().expect("an Int64 column").value(0)
 }
 
+/// The single value of a one-row, one-column query, as text ("" for NULL).
+pub fn query_string(table: &Path, sql: &str) -> String {
+    use arrow::array::Array;
+    let batches = query(table, sql);
+    let column = arrow::compute::cast(batches[0].column(0), &arrow::datatypes::DataType::Utf8).expect("text");
+    let column = column.as_any().downcast_ref::<arrow::array::StringArray>().expect("a Utf8 column");
+    if column.is_null(0) { String::new() } else { column.value(0).to_string() }
+}
+
 /// Query results as text, for comparisons and failure messages.
 pub fn query_text(table: &Path, sql: &str) -> String {
     pretty_format_batches(&query(table, sql)).expect("printable batches").to_string()

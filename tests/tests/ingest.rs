@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use sluice_tests::harness::{Sandbox, log_entries, query_i64, query_text, table_version};
+use sluice_tests::harness::{Sandbox, log_entries, query_i64, query_string, query_text, table_version};
 use sluice_tests::invoices::{INVOICE_SCHEMA, invoice, write_invoice_file};
 
 const PIPELINE: &str = r#"
@@ -129,7 +129,7 @@ fn a_rewritten_file_is_skipped_with_a_warning_unless_overwrites_are_allowed() {
 }
 
 #[test]
-fn a_broken_json_line_fails_the_batch_naming_file_and_line_and_a_fixed_file_is_ingested() {
+fn with_on_malformed_fail_a_broken_json_line_fails_the_batch_naming_file_and_line_and_a_fixed_file_is_ingested() {
     let sandbox = Sandbox::new();
     write_invoices(&sandbox, "a.json", 1, 0, 5);
     let good = |i| serde_json::to_string(&invoice(3, i)).expect("json");
@@ -140,7 +140,8 @@ fn a_broken_json_line_fails_the_batch_naming_file_and_line_and_a_fixed_file_is_i
         good(2)
     );
     sandbox.write("landing/invoices/b.json", &broken);
-    sandbox.pipeline(&pipeline());
+    sandbox
+        .pipeline(&pipeline().replace("max_files_per_batch: 2", "max_files_per_batch: 2\n        on_malformed: fail"));
     let table = sandbox.path("lake/bronze/invoices");
 
     let output = sandbox.run();
@@ -197,15 +198,15 @@ flows:
     assert_eq!(query_i64(&table, "SELECT CAST(SUM(amount) * 100 AS BIGINT) FROM t"), 775);
     assert_eq!(query_i64(&table, "SELECT id FROM t WHERE name = 'pear'"), 2);
 
-    sandbox.write("in/c.csv", "id;name;amount\n4;fig;1\n5;kiwi\n");
-    let output = sandbox.run();
-    assert_eq!(output.code, Some(1), "{output:?}");
-    assert!(
-        output.stderr.contains("c.csv: line 3: ") && output.stderr.contains("incorrect number of fields"),
-        "{}",
-        output.stderr
-    );
-    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 3);
+    // A row with too few fields goes to the quarantine table; the rest of the file is ingested.
+    sandbox.write("in/c.csv", "id;name;amount\n4;fig;1\n5;kiwi\n6;lime;3\n");
+    let summary = sandbox.run_ok();
+    assert_eq!(summary["rows"].as_u64(), Some(2), "{summary}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 5);
+    let quarantine = sandbox.path("lake/sales_quarantine");
+    let entry = query_string(&quarantine, "SELECT concat_ws('|', kind, file_path, line, raw, error) FROM t");
+    assert!(entry.starts_with("record|file://") && entry.contains("c.csv|3|5;kiwi|"), "{entry}");
+    assert!(entry.ends_with("incorrect number of fields, expected 3 got 2"), "{entry}");
 }
 
 fn write_parquet(path: &std::path::Path, ids: &[i64]) {
@@ -254,11 +255,16 @@ flows:
         "the inferred schema is kept in the checkpoint"
     );
 
+    // A file that cannot be read is a file-level quarantine entry; the batch goes on.
     sandbox.write("in/c.parquet", b"PAR1 this is not a parquet file");
-    let output = sandbox.run();
-    assert_eq!(output.code, Some(1), "{output:?}");
-    assert!(output.stderr.contains("c.parquet") && output.stderr.contains("Parquet"), "{}", output.stderr);
-    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 5);
+    write_parquet(&sandbox.path("in/d.parquet"), &[6]);
+    let summary = sandbox.run_ok();
+    assert_eq!((summary["files"].as_u64(), summary["rows"].as_u64()), (Some(2), Some(1)), "{summary}");
+    assert_eq!(summary["flows"][0]["quality"]["unreadable_files"].as_u64(), Some(1), "{summary}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 6);
+    let quarantine = sandbox.path("lake/things_quarantine");
+    let entry = query_string(&quarantine, "SELECT concat_ws('|', kind, file_path, error) FROM t WHERE line IS NULL");
+    assert!(entry.starts_with("file|file://") && entry.contains("c.parquet|not a readable Parquet file"), "{entry}");
 }
 
 #[test]

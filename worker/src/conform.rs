@@ -5,8 +5,22 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions, new_null_array};
 use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::Schema;
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
+use deltalake::kernel::StructType;
+use deltalake::kernel::engine::arrow_conversion::{TryFromArrow, TryIntoArrow};
+
+/// The Delta schema for an Arrow schema, and the Arrow schema Delta reads back
+/// for it: rows are cast to the latter before writing, so data files match the
+/// table exactly (list element names, timestamp units).
+pub fn to_delta(schema: &Schema) -> Result<(StructType, Schema), String> {
+    let delta =
+        StructType::try_from_arrow(schema).map_err(|e| format!("the flow's output cannot be stored in Delta: {e}"))?;
+    let arrow: Schema =
+        (&delta).try_into_arrow().map_err(|e| format!("cannot map the Delta schema back to Arrow: {e}"))?;
+    Ok((delta, arrow))
+}
 
 pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ArrowError> {
     if batch.schema().as_ref() == target.as_ref() {

@@ -33,6 +33,12 @@ pub enum WorkerError {
     Queue(#[from] sluice_proto::queue::QueueError),
     #[error("the task was cancelled")]
     Cancelled,
+    /// A panic while running the task.
+    #[error("the task hit a bug in Sluice (please report it): {0}")]
+    Bug(String),
+    /// An expectation set to `fail` failed.
+    #[error("{0}")]
+    Expectation(String),
 }
 
 impl WorkerError {
@@ -41,7 +47,11 @@ impl WorkerError {
         match self {
             WorkerError::Read(e) => e.retryable,
             WorkerError::Write(_) | WorkerError::Storage(_) | WorkerError::Queue(_) | WorkerError::Cancelled => true,
-            WorkerError::Transform(_) | WorkerError::Location(_) | WorkerError::Schema(_) => false,
+            WorkerError::Transform(_)
+            | WorkerError::Location(_)
+            | WorkerError::Schema(_)
+            | WorkerError::Expectation(_)
+            | WorkerError::Bug(_) => false,
         }
     }
 }

@@ -1,10 +1,9 @@
 //! Decoding source files into Arrow batches, and inferring their schema.
 //!
 //! JSON and CSV are streamed from the object store chunk by chunk through
-//! arrow's push decoders, so memory stays bounded whatever the file size.
-//! Parquet is read through the async reader, footer first. A decoding error is
-//! reported with the file and, for JSON and CSV, the line: the good path never
-//! parses line by line; only after an error is the file scanned for the line.
+//! arrow's push decoders, so memory stays bounded whatever the file size; bad
+//! records are set aside with their line (see [`crate::text`]). Parquet is read
+//! through the async reader, footer first.
 
 // `ParquetObjectReader` is deprecated in parquet 59 in favour of a hand-written
 // `AsyncFileReader`; it still works, and replacing it is tracked for the
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::error::ArrowError;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -30,6 +29,7 @@ use sluice_proto::task::SourceFile;
 use crate::conform::conform_batch;
 use crate::error::ReadError;
 use crate::storage::{parse_url, store_for};
+use crate::text::{BadRecord, TextError, TextFormat, TextReader};
 
 /// Rows per decoded batch.
 pub const BATCH_ROWS: usize = 8192;
@@ -57,38 +57,16 @@ fn read_ahead(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> BoxStream<'
 pub struct FileDecoder {
     file: SourceFile,
     schema: SchemaRef,
-    /// For CSV: whether the first line is a header, to turn row numbers into line numbers.
-    csv_header: bool,
     kind: DecoderKind,
+    /// Rows handed out so far (for the message of a file that fails part way).
+    rows: u64,
 }
 
 // One value per file being read: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 enum DecoderKind {
-    Text { bytes: BoxStream<'static, object_store::Result<Bytes>>, pending: Bytes, eof: bool, decoder: TextDecoder },
+    Text(TextReader),
     Parquet(ParquetRecordBatchStream<ParquetObjectReader>),
-}
-
-#[allow(clippy::large_enum_variant)]
-enum TextDecoder {
-    Json(arrow::json::reader::Decoder),
-    Csv(arrow::csv::reader::Decoder),
-}
-
-impl TextDecoder {
-    fn decode(&mut self, buf: &[u8]) -> Result<usize, ArrowError> {
-        match self {
-            TextDecoder::Json(d) => d.decode(buf),
-            TextDecoder::Csv(d) => d.decode(buf),
-        }
-    }
-
-    fn flush(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
-        match self {
-            TextDecoder::Json(d) => d.flush(),
-            TextDecoder::Csv(d) => d.flush(),
-        }
-    }
 }
 
 /// The object store holding `file`, and the file's path in it.
@@ -110,22 +88,6 @@ fn storage_error(file: &SourceFile, error: object_store::Error) -> ReadError {
     }
 }
 
-fn json_decoder(schema: &SchemaRef) -> Result<arrow::json::reader::Decoder, ArrowError> {
-    arrow::json::ReaderBuilder::new(schema.clone()).with_batch_size(BATCH_ROWS).build_decoder()
-}
-
-fn csv_decoder(schema: &SchemaRef, csv: &CsvOptions) -> arrow::csv::reader::Decoder {
-    let mut builder = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_header(csv.header)
-        .with_delimiter(csv.delimiter as u8)
-        .with_quote(csv.quote as u8)
-        .with_batch_size(BATCH_ROWS);
-    if let Some(escape) = csv.escape {
-        builder = builder.with_escape(escape as u8);
-    }
-    builder.build_decoder()
-}
-
 impl FileDecoder {
     /// Opens `file` for decoding into `schema` (the source schema, without `_metadata`).
     pub async fn open(
@@ -137,152 +99,74 @@ impl FileDecoder {
         let (store, path) = locate(file)?;
         let kind = match format {
             Format::Json | Format::Csv => {
-                let decoder = match format {
-                    Format::Json => TextDecoder::Json(
-                        json_decoder(&schema).map_err(|e| read_error(file, None, e.to_string(), false))?,
-                    ),
-                    _ => TextDecoder::Csv(csv_decoder(&schema, csv)),
-                };
                 let bytes = read_ahead(store.clone(), path, file.size);
-                DecoderKind::Text { bytes, pending: Bytes::new(), eof: false, decoder }
+                let text = TextFormat { format, schema: schema.clone(), csv: csv.clone() };
+                DecoderKind::Text(
+                    TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?,
+                )
             }
             Format::Parquet => {
                 let reader = ParquetObjectReader::new(store.clone(), path).with_file_size(file.size);
                 let stream = ParquetRecordBatchStreamBuilder::new(reader)
                     .await
-                    .map_err(|e| read_error(file, None, format!("not a readable Parquet file: {e}"), false))?
+                    .map_err(|e| parquet_error(file, e))?
                     .with_batch_size(BATCH_ROWS)
                     .build()
-                    .map_err(|e| read_error(file, None, format!("not a readable Parquet file: {e}"), false))?;
+                    .map_err(|e| parquet_error(file, e))?;
                 DecoderKind::Parquet(stream)
             }
         };
-        Ok(Self { file: file.clone(), schema, csv_header: csv.header, kind })
+        Ok(Self { file: file.clone(), schema, kind, rows: 0 })
     }
 
-    /// The next batch of the file, or `None` at its end.
+    /// The next batch of the file's good rows, or `None` at its end. Records
+    /// that cannot be decoded wait in [`Self::take_bad`]. An error means the
+    /// rest of the file cannot be read.
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ReadError> {
-        match &mut self.kind {
+        let batch = match &mut self.kind {
             DecoderKind::Parquet(stream) => match stream.try_next().await {
-                Ok(Some(batch)) => conform_batch(&batch, &self.schema)
-                    .map(Some)
-                    .map_err(|e| read_error(&self.file, None, e.to_string(), false)),
-                Ok(None) => Ok(None),
-                Err(e) => Err(read_error(&self.file, None, format!("not a readable Parquet file: {e}"), false)),
-            },
-            DecoderKind::Text { bytes, pending, eof, decoder } => {
-                let csv = matches!(decoder, TextDecoder::Csv(_));
-                match next_text_batch(bytes, pending, eof, decoder).await {
-                    Ok(batch) => Ok(batch),
-                    Err(TextError::Storage(e)) => Err(storage_error(&self.file, e)),
-                    Err(TextError::Decode(e)) if csv => Err(csv_error(&self.file, &self.schema, self.csv_header, e)),
-                    Err(TextError::Decode(e)) => {
-                        Err(locate_json_error(self.file.clone(), self.schema.clone(), e).await)
-                    }
+                Ok(Some(batch)) => Some(conform_batch(&batch, &self.schema).map_err(|e| {
+                    read_error(&self.file, None, self.after_rows(format!("values do not fit the schema: {e}")), false)
+                })?),
+                Ok(None) => None,
+                Err(e) => {
+                    let message = self.after_rows(format!("not a readable Parquet file: {e}"));
+                    return Err(read_error(&self.file, None, message, false));
                 }
-            }
+            },
+            DecoderKind::Text(reader) => match reader.next_batch().await {
+                Ok(batch) => batch,
+                Err(TextError::Storage(e)) => {
+                    let mut error = storage_error(&self.file, e);
+                    error.message = self.after_rows(error.message);
+                    return Err(error);
+                }
+                Err(TextError::Setup(e)) => return Err(read_error(&self.file, None, e.to_string(), false)),
+            },
+        };
+        self.rows += batch.as_ref().map_or(0, |b| b.num_rows() as u64);
+        Ok(batch)
+    }
+
+    /// Records found so far that could not be decoded.
+    pub fn take_bad(&mut self) -> Vec<BadRecord> {
+        match &mut self.kind {
+            DecoderKind::Text(reader) => reader.take_bad(),
+            DecoderKind::Parquet(_) => Vec::new(),
+        }
+    }
+
+    /// `message`, saying how many rows were read before it when any were.
+    fn after_rows(&self, message: String) -> String {
+        match self.rows {
+            0 => message,
+            rows => format!("{message} (after its first {rows} rows, which were read)"),
         }
     }
 }
 
-/// arrow-csv reports a value that does not parse "for column K at line N" with
-/// K counted from 0 and N counting data rows, and a row with the wrong number of
-/// fields "for line N" counting file lines. Users get the file line and the
-/// column's name.
-fn csv_error(file: &SourceFile, schema: &Schema, header: bool, error: ArrowError) -> ReadError {
-    let mut message = error.to_string();
-    let number_after = |text: &str, marker: &str| -> Option<u64> {
-        let start = text.find(marker)? + marker.len();
-        text[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
-    };
-    if let Some(column) = number_after(&message, "for column ")
-        && let Some(field) = usize::try_from(column).ok().and_then(|c| schema.fields().get(c))
-    {
-        message = message.replacen(&format!("for column {column}"), &format!("for column `{}`", field.name()), 1);
-    }
-    let line = if let Some(row) = number_after(&message, " at line ") {
-        message = message.replacen(&format!(" at line {row}"), "", 1);
-        Some(row + u64::from(header))
-    } else if let Some(line) = number_after(&message, " for line ") {
-        message = message.replacen(&format!(" for line {line}"), "", 1);
-        Some(line)
-    } else {
-        None
-    };
-    read_error(file, line, message, false)
-}
-
-/// Finds the line that a JSON decoding error came from, for the error message.
-async fn locate_json_error(file: SourceFile, schema: SchemaRef, error: ArrowError) -> ReadError {
-    let all = match locate(&file) {
-        Ok((store, path)) => match store.get(&path).await {
-            Ok(result) => result.bytes().await.ok(),
-            Err(_) => None,
-        },
-        Err(_) => None,
-    };
-    match all.and_then(|bytes| locate_json_line(&bytes, &schema)) {
-        Some((line, message)) => read_error(&file, Some(line), message, false),
-        None => read_error(&file, None, error.to_string(), false),
-    }
-}
-
-enum TextError {
-    Storage(object_store::Error),
-    Decode(ArrowError),
-}
-
-async fn next_text_batch(
-    bytes: &mut BoxStream<'static, object_store::Result<Bytes>>,
-    pending: &mut Bytes,
-    eof: &mut bool,
-    decoder: &mut TextDecoder,
-) -> Result<Option<RecordBatch>, TextError> {
-    loop {
-        if pending.is_empty() && !*eof {
-            match bytes.next().await {
-                Some(Ok(chunk)) => *pending = chunk,
-                Some(Err(e)) => return Err(TextError::Storage(e)),
-                None => *eof = true,
-            }
-        }
-        if *eof && pending.is_empty() {
-            // An empty buffer tells the CSV decoder the input ended (a last row without a newline).
-            decoder.decode(&[]).map_err(TextError::Decode)?;
-            return decoder.flush().map_err(TextError::Decode);
-        }
-        let consumed = decoder.decode(pending).map_err(TextError::Decode)?;
-        pending.advance(consumed);
-        if !pending.is_empty() {
-            // The decoder stopped before the end of the chunk: a batch is full.
-            if let Some(batch) = decoder.flush().map_err(TextError::Decode)? {
-                return Ok(Some(batch));
-            }
-        }
-    }
-}
-
-/// Decodes `data` line by line to find the first line that does not decode into
-/// `schema`. Only called after a decoding error, to name the line.
-pub fn locate_json_line(data: &[u8], schema: &SchemaRef) -> Option<(u64, String)> {
-    let mut decoder = json_decoder(schema).ok()?;
-    for (index, line) in data.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let outcome = decoder.decode(line).and_then(|consumed| {
-            if consumed < line.len() || decoder.has_partial_record() {
-                // Leftover bytes or an unfinished value: the line is not one whole JSON object.
-                Err(ArrowError::JsonError("the line is not one complete JSON object".to_string()))
-            } else {
-                decoder.flush().map(|_| ())
-            }
-        });
-        if let Err(error) = outcome {
-            return Some((index as u64 + 1, error.to_string()));
-        }
-    }
-    None
+fn parquet_error(file: &SourceFile, error: parquet::errors::ParquetError) -> ReadError {
+    read_error(file, None, format!("not a readable Parquet file: {error}"), false)
 }
 
 // ---------------------------------------------------------------------------
@@ -401,34 +285,6 @@ fn without_null_type(field: &Field) -> Field {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn locates_the_bad_json_line() {
-        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
-        let data = b"{\"a\": 1}\n\n{\"a\": 2}\n{\"a\": \"x\"}\n{\"a\": 4}\n";
-        let (line, message) = locate_json_line(data, &schema).unwrap();
-        assert_eq!(line, 4, "{message}");
-        let (line, _) = locate_json_line(b"{\"a\": 1}\n{\"a\": 2\n", &schema).unwrap();
-        assert_eq!(line, 2);
-        assert!(locate_json_line(b"{\"a\": 1}\n", &schema).is_none());
-    }
-
-    #[test]
-    fn csv_errors_name_the_file_line_and_the_column() {
-        let schema =
-            Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("amount", DataType::Float64, true)]);
-        let file = SourceFile { url: "file:///a.csv".into(), size: 1, modified_ms: 0, etag: None };
-        let parse = ArrowError::ParseError(
-            "Error while parsing value 'x' as type 'Float64' for column 1 at line 2. Row data: '[2,x]'".into(),
-        );
-        let error = csv_error(&file, &schema, true, parse);
-        assert_eq!(error.line, Some(3));
-        assert!(error.message.contains("for column `amount`. Row data"), "{}", error.message);
-        let fields = ArrowError::CsvError("incorrect number of fields for line 4, expected 2 got 1".into());
-        let error = csv_error(&file, &schema, true, fields);
-        assert_eq!(error.line, Some(4));
-        assert!(error.message.ends_with("incorrect number of fields, expected 2 got 1"), "{}", error.message);
-    }
 
     #[test]
     fn merging_widens_conflicts() {

@@ -5,7 +5,7 @@
 //! channel, so decoding and Parquet encoding overlap on two cores.
 
 use std::num::NonZeroU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -14,17 +14,20 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use sluice_proto::task::{DeltaRead, MergeCounts, TaskResult, TaskSpec, WatermarkRead};
+use sluice_proto::spec::OnMalformed;
+use sluice_proto::task::{DeltaRead, MergeCounts, Quality, TaskResult, TaskSpec, WatermarkRead};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::conform::conform_batch;
 use crate::delta_source;
 use crate::error::{ReadError, WorkerError};
+use crate::expectations::{Expectations, Outcome};
 use crate::failpoint;
 use crate::formats::FileDecoder;
 use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
+use crate::quarantine::{self, Collector, Entry, Origin, collect};
 use crate::storage::{ensure_local_dir, parse_url};
 use crate::transform;
 use crate::watermark::Cut;
@@ -49,6 +52,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     let file_schema: SchemaRef = Arc::new(task.source_schema.clone());
     let table_schema: SchemaRef = Arc::new(task.table_schema.clone());
 
+    let quarantined: Collector = Arc::default();
     let (sender, receiver) = mpsc::channel(4);
     let (reader, relation_schema) = match &task.delta_read {
         Some(read) => {
@@ -64,12 +68,19 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         }
         None => {
             let relation_schema = with_metadata_field(&file_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
-            let reader =
-                tokio::spawn(read_files(task.clone(), file_schema, relation_schema.clone(), sender, cancel.clone()));
+            let reader = tokio::spawn(read_files(
+                task.clone(),
+                file_schema,
+                relation_schema.clone(),
+                sender,
+                quarantined.clone(),
+                cancel.clone(),
+            ));
             (reader, relation_schema)
         }
     };
-    let written = write_output(task, relation_schema, receiver, &table_schema).await;
+    let expected = Arc::new(Mutex::new(Outcome::default()));
+    let written = write_output(task, relation_schema, receiver, &table_schema, &quarantined, &expected).await;
     let read_end = reader.await.unwrap_or_else(|e| {
         ReadEnd::Failed(ReadError {
             file: String::new(),
@@ -81,14 +92,28 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     if cancel.is_cancelled() {
         return Err(WorkerError::Cancelled);
     }
+    let expected = std::mem::take(&mut *expected.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(message) = expected.failed {
+        return Err(WorkerError::Expectation(message));
+    }
     match (read_end, written) {
         (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
+            let collected = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
+            let origin = Origin { flow: &task.id.flow, batch: task.id.batch, at_us: task.ingest_time_us };
+            let quarantine_adds = quarantine::write(&task.quarantine_url, &collected.entries, &origin).await?;
+            let quality = Quality {
+                malformed_rows: collected.malformed_rows,
+                unreadable_files: collected.unreadable_files,
+                quarantined_rows: collected.entries.len() as u64,
+                expectations: expected.counts,
+            };
             let encode_error = |e: serde_json::Error| WorkerError::Schema(format!("cannot encode an action: {e}"));
-            let adds =
-                written.adds.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>().map_err(encode_error)?;
+            let to_values = |actions: &[deltalake::kernel::Add]| {
+                actions.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>().map_err(encode_error)
+            };
             let removes = written
                 .removes
                 .iter()
@@ -96,7 +121,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(encode_error)?;
             Ok(TaskResult {
-                adds,
+                adds: to_values(&written.adds)?,
                 removes,
                 rows: written.rows,
                 files,
@@ -104,6 +129,8 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
                 worker: worker.to_string(),
                 merge: written.merge,
                 watermark,
+                quarantine_adds: to_values(&quarantine_adds)?,
+                quality,
             })
         }
     }
@@ -181,23 +208,49 @@ async fn read_files(
     file_schema: SchemaRef,
     relation_schema: SchemaRef,
     sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
+    quarantined: Collector,
     cancel: CancellationToken,
 ) -> ReadEnd {
     let fail = |error: ReadError| fail_read(&sender, error);
+    let keep_going = task.on_malformed == OnMalformed::Quarantine;
     let mut bytes = 0;
     let mut first_batch = true;
     for file in &task.files {
         let mut decoder = match FileDecoder::open(file, task.format, &task.csv, file_schema.clone()).await {
             Ok(decoder) => decoder,
+            Err(e) if keep_going && !e.retryable => {
+                collect(&quarantined, [Entry::file(&file.url, e.message)]);
+                bytes += file.size;
+                continue;
+            }
             Err(e) => return fail(e).await,
         };
         loop {
             if cancel.is_cancelled() {
                 return ReadEnd::Stopped;
             }
-            let batch = match decoder.next_batch().await {
+            let next = decoder.next_batch().await;
+            let bad = decoder.take_bad();
+            if let Some(first) = bad.first()
+                && !keep_going
+            {
+                let error = ReadError {
+                    file: file.url.clone(),
+                    line: Some(first.line),
+                    message: first.error.clone(),
+                    retryable: false,
+                };
+                return fail(error).await;
+            }
+            collect(&quarantined, bad.into_iter().map(|b| Entry::record(&file.url, b)));
+            let batch = match next {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
+                Err(e) if keep_going && !e.retryable => {
+                    // The rest of the file cannot be read; what was read stays.
+                    collect(&quarantined, [Entry::file(&file.url, e.message)]);
+                    break;
+                }
                 Err(e) => return fail(e).await,
             };
             let batch = match append_metadata(batch, &relation_schema, file, task.ingest_time_us) {
@@ -238,8 +291,14 @@ async fn write_output(
     relation_schema: SchemaRef,
     receiver: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
     table_schema: &SchemaRef,
+    quarantined: &Collector,
+    expected: &Arc<Mutex<Outcome>>,
 ) -> Result<Written, WorkerError> {
     let mut stream = transform::execute(relation_schema, receiver, task.transform.as_deref()).await?;
+    if !task.expectations.is_empty() {
+        let checks = Expectations::compile(&task.expectations, &stream.schema()).map_err(WorkerError::Expectation)?;
+        stream = checks.apply(stream, quarantined.clone(), expected.clone());
+    }
     let table_url = parse_url(&task.table_url)?;
     ensure_local_dir(&table_url)?;
     if let Some(merge) = &task.merge {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::{KvError, KvStore, LeaseId};
 use sluice_proto::queue::TaskQueue;
@@ -133,7 +134,19 @@ async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lea
 
 async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, claim: &str, task: TaskSpec, scope: &CancellationToken) {
     let started = std::time::Instant::now();
-    let result = run_task(&task, worker, scope).await;
+    // A panic is a bug in Sluice: it fails the task with its message rather
+    // than leaving the batch waiting for an outcome that never comes.
+    let result = match std::panic::AssertUnwindSafe(run_task(&task, worker, scope)).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(WorkerError::Bug(message))
+        }
+    };
     if scope.is_cancelled() {
         return;
     }

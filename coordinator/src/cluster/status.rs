@@ -31,6 +31,7 @@ pub fn pending_status(record: &PipelineRecord, spec: Option<&PipelineSpec>) -> P
                     .map(|f| FlowStatus {
                         name: f.name.clone(),
                         table: f.sink.table.to_string(),
+                        quarantine: f.quarantine.to_string(),
                         last_delta_version: -1,
                         ..Default::default()
                     })
@@ -85,6 +86,14 @@ pub fn apply(status: &mut PipelineStatus, event: &ProgressEvent) -> bool {
                 f.current_batch = 0;
                 if let Some(version) = report.version {
                     f.last_delta_version = version;
+                }
+                if let Some(quality) = &report.quality {
+                    f.quarantined_rows += quality.quarantined_rows;
+                    f.malformed_rows += quality.malformed_rows;
+                    f.unreadable_files += quality.unreadable_files;
+                    for (name, count) in &quality.expectations {
+                        *f.expectations_failed.entry(name.clone()).or_default() += count.failed;
+                    }
                 }
             }
             true

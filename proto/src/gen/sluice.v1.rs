@@ -118,6 +118,23 @@ pub struct FlowStatus {
     pub last_error: ::prost::alloc::string::String,
     #[prost(bool, tag = "13")]
     pub caught_up: bool,
+    /// Bad input since this generation started: entries written to the
+    /// quarantine table, and of those, malformed records and unreadable files.
+    #[prost(uint64, tag = "14")]
+    pub quarantined_rows: u64,
+    #[prost(uint64, tag = "15")]
+    pub malformed_rows: u64,
+    #[prost(uint64, tag = "16")]
+    pub unreadable_files: u64,
+    /// Output rows that failed each expectation, by name.
+    #[prost(map = "string, uint64", tag = "17")]
+    pub expectations_failed: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        u64,
+    >,
+    /// The quarantine table's URL.
+    #[prost(string, tag = "18")]
+    pub quarantine: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -37,6 +37,11 @@ struct Args {
     /// Runs to make; each starts from an empty table.
     #[arg(long, default_value_t = 1)]
     runs: u32,
+    /// Replace this percentage of the lines with bad ones (truncated JSON, not
+    /// JSON, a value of the wrong type, bytes that are not UTF-8, in turn), to
+    /// measure the cost of quarantining them.
+    #[arg(long, default_value_t = 0.0)]
+    bad_lines_percent: f64,
     /// `schema: infer` instead of the declared invoice schema.
     #[arg(long)]
     infer: bool,
@@ -146,7 +151,7 @@ fn cluster_run(dir: &Path, workers: usize, slots: usize, pin: bool) -> anyhow::R
 }
 
 fn generate(landing: &Path, args: &Args) -> anyhow::Result<u64> {
-    let marker = landing.join(format!("_generated-{}-{}", args.invoices, args.files));
+    let marker = landing.join(format!("_generated-{}-{}-{}", args.invoices, args.files, args.bad_lines_percent));
     if marker.exists() {
         return Ok(std::fs::read_to_string(&marker)?.trim().parse()?);
     }
@@ -160,12 +165,52 @@ fn generate(landing: &Path, args: &Args) -> anyhow::Result<u64> {
         let first = n * per_file;
         let count = per_file.min(args.invoices.saturating_sub(first));
         if count > 0 {
-            bytes += write_invoice_file(&landing.join(format!("invoices-{n:05}.json")), 1, first, count)?;
+            let path = landing.join(format!("invoices-{n:05}.json"));
+            bytes += write_invoice_file(&path, 1, first, count)?;
+            if args.bad_lines_percent > 0.0 {
+                bytes = bytes + spoil_lines(&path, args.bad_lines_percent)? - std::fs::metadata(&path)?.len();
+            }
         }
     }
     std::fs::write(&marker, bytes.to_string())?;
     eprintln!("generated {} in {:.1}s", ByteSize(bytes), started.elapsed().as_secs_f64());
     Ok(bytes)
+}
+
+/// Replaces `percent` % of the file's lines, evenly spread, with bad lines of
+/// four kinds in turn; returns the file's size before the change.
+fn spoil_lines(path: &Path, percent: f64) -> anyhow::Result<u64> {
+    let text = std::fs::read(path)?;
+    let before = text.len() as u64;
+    let every = (100.0 / percent).round().max(1.0) as usize;
+    let mut out = Vec::with_capacity(text.len());
+    for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        if index % every == every / 2 {
+            // SLUICE_BENCH_BAD_KIND=0..3 makes every bad line of one kind.
+            let kind = std::env::var("SLUICE_BENCH_BAD_KIND").ok().and_then(|k| k.parse().ok());
+            match kind.unwrap_or(index / every) % 4 {
+                0 => out.extend_from_slice(&line[..line.len() / 2]),
+                1 => out.extend_from_slice(b"this is not JSON at all"),
+                2 => {
+                    let text = String::from_utf8_lossy(line);
+                    out.extend_from_slice(
+                        text.replacen("\"TotalAmount\":", "\"TotalAmount\":\"n/a\",\"x\":", 1).as_bytes(),
+                    );
+                }
+                _ => {
+                    out.extend_from_slice(b"{\"InvoiceNumber\": \"\xff\xfe\"}");
+                }
+            }
+        } else {
+            out.extend_from_slice(line);
+        }
+        out.push(b'\n');
+    }
+    std::fs::write(path, out)?;
+    Ok(before)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -252,8 +297,9 @@ fn main() -> anyhow::Result<()> {
         let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())?;
         let rows = summary["rows"].as_u64().unwrap_or(0);
         let peak = summary["peak_rss_bytes"].as_u64().unwrap_or(0);
+        let quarantined = summary["flows"][0]["quality"]["quarantined_rows"].as_u64().unwrap_or(0);
         println!(
-            "run {run}: {rows} rows in {seconds:.2}s: {:.1} MB/s, {:.0} rows/s, peak memory {} ({} batches)",
+            "run {run}: {rows} rows ({quarantined} quarantined) in {seconds:.2}s: {:.1} MB/s, {:.0} rows/s, peak memory {} ({} batches)",
             bytes as f64 / 1e6 / seconds,
             rows as f64 / seconds,
             ByteSize(peak),

@@ -1,0 +1,607 @@
+//! Decoding JSON lines and CSV that may hold bad records.
+//!
+//! The good path decodes whole regions of a file (about [`READ_CHUNK`] bytes of
+//! whole lines) with arrow's push decoders, as fast as if no record could be
+//! bad. Only when a region fails (a decoding error, or for JSON a row count that
+//! differs from the line count) does the rest of that region take the careful
+//! path:
+//!
+//! 1. JSON only: each line is checked for syntax alone, with a decoder of no
+//!    columns, which builds arrow's tape and nothing else. Lines that are not
+//!    one whole JSON object, or not UTF-8, are set aside.
+//! 2. The remaining lines are decoded in groups of [`BATCH_ROWS`]; a group that
+//!    fails (a value that does not fit its column, a CSV row with the wrong
+//!    number of fields) is decoded again in groups of [`SMALL_GROUP`], and only
+//!    a small group that fails is decoded line by line, to find its bad lines.
+//!
+//! So the good rows of a file with bad lines are decoded in bulk, and the cost
+//! of a bad line is a few dozen lines' decoding, not the file's.
+//!
+//! [`READ_CHUNK`]: crate::formats::READ_CHUNK
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::error::ArrowError;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use sluice_proto::spec::{CsvOptions, Format};
+
+use crate::formats::BATCH_ROWS;
+
+/// Lines decoded together after a group of [`BATCH_ROWS`] lines failed.
+const SMALL_GROUP: usize = 64;
+
+/// Lines checked for syntax between two checks of their strings' UTF-8.
+const SYNTAX_FLUSH_LINES: usize = 1024;
+
+/// A record of a source file that could not be decoded.
+#[derive(Debug, Clone)]
+pub struct BadRecord {
+    /// 1-based line number in the file.
+    pub line: u64,
+    /// The line as it is in the file, without its line break.
+    pub raw: Bytes,
+    pub error: String,
+}
+
+/// What the decoders are built for.
+#[derive(Clone)]
+pub struct TextFormat {
+    pub format: Format,
+    pub schema: SchemaRef,
+    pub csv: CsvOptions,
+}
+
+// One per file being read: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum TextDecoder {
+    Json(arrow::json::reader::Decoder),
+    Csv(arrow::csv::reader::Decoder),
+}
+
+impl TextDecoder {
+    fn decode(&mut self, buf: &[u8]) -> Result<usize, ArrowError> {
+        match self {
+            TextDecoder::Json(d) => d.decode(buf),
+            TextDecoder::Csv(d) => d.decode(buf),
+        }
+    }
+
+    fn flush(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
+        match self {
+            TextDecoder::Json(d) => d.flush(),
+            TextDecoder::Csv(d) => d.flush(),
+        }
+    }
+}
+
+impl TextFormat {
+    fn is_json(&self) -> bool {
+        self.format == Format::Json
+    }
+
+    /// A decoder of `batch_rows` rows a batch; `header`: the input starts with a CSV header line.
+    pub fn decoder(&self, batch_rows: usize, header: bool) -> Result<TextDecoder, ArrowError> {
+        Ok(match self.format {
+            Format::Csv => {
+                let csv = &self.csv;
+                let mut builder = arrow::csv::ReaderBuilder::new(self.schema.clone())
+                    .with_header(header)
+                    .with_delimiter(csv.delimiter as u8)
+                    .with_quote(csv.quote as u8)
+                    .with_batch_size(batch_rows);
+                if let Some(escape) = csv.escape {
+                    builder = builder.with_escape(escape as u8);
+                }
+                TextDecoder::Csv(builder.build_decoder())
+            }
+            _ => TextDecoder::Json(
+                arrow::json::ReaderBuilder::new(self.schema.clone()).with_batch_size(batch_rows).build_decoder()?,
+            ),
+        })
+    }
+}
+
+/// Error while reading the bytes (not while decoding them).
+pub enum TextError {
+    Storage(object_store::Error),
+    /// The file's decoder cannot even be built (a schema arrow cannot decode into).
+    Setup(ArrowError),
+}
+
+/// Reads a JSON lines or CSV file region by region.
+pub struct TextReader {
+    format: TextFormat,
+    bytes: BoxStream<'static, object_store::Result<Bytes>>,
+    eof: bool,
+    /// The start of a line whose end has not been read yet.
+    carry: Vec<u8>,
+    /// Whole lines being decoded.
+    region: Bytes,
+    /// The 1-based line number of `region`'s first byte.
+    region_line: u64,
+    /// Whether `region` is the file's first.
+    first_region: bool,
+    /// Bytes of `region` handed to the decoder, and where its unflushed rows start.
+    pos: usize,
+    batch_start: usize,
+    decoder: TextDecoder,
+    ready: VecDeque<RecordBatch>,
+    bad: Vec<BadRecord>,
+}
+
+impl TextReader {
+    pub fn new(format: TextFormat, bytes: BoxStream<'static, object_store::Result<Bytes>>) -> Result<Self, ArrowError> {
+        let header = format.format == Format::Csv && format.csv.header;
+        let decoder = format.decoder(BATCH_ROWS, header)?;
+        Ok(Self {
+            format,
+            bytes,
+            eof: false,
+            carry: Vec::new(),
+            region: Bytes::new(),
+            region_line: 1,
+            first_region: true,
+            pos: 0,
+            batch_start: 0,
+            decoder,
+            ready: VecDeque::new(),
+            bad: Vec::new(),
+        })
+    }
+
+    /// The bad records found since the last call.
+    pub fn take_bad(&mut self) -> Vec<BadRecord> {
+        std::mem::take(&mut self.bad)
+    }
+
+    pub fn has_bad(&self) -> bool {
+        !self.bad.is_empty()
+    }
+
+    /// The next batch of good rows, or `None` at the end of the file. Bad
+    /// records found on the way wait in [`Self::take_bad`].
+    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
+        loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
+            if self.pos == self.region.len() {
+                if self.batch_start < self.pos {
+                    // The region's last rows.
+                    let start = self.batch_start;
+                    match self.end_of_region().and_then(|()| self.flush_checked()) {
+                        Ok(batch) => {
+                            self.batch_start = self.pos;
+                            if let Some(batch) = batch {
+                                return Ok(Some(batch));
+                            }
+                        }
+                        Err(_) => {
+                            // Its good rows wait in `ready`.
+                            self.careful(start)?;
+                            continue;
+                        }
+                    }
+                }
+                if !self.next_region().await? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            match self.decoder.decode(&self.region[self.pos..]) {
+                Ok(consumed) => {
+                    self.pos += consumed;
+                    if self.pos < self.region.len() {
+                        // The decoder stopped early: a batch is full.
+                        match self.flush_checked() {
+                            Ok(batch) => {
+                                self.batch_start = self.pos;
+                                if let Some(batch) = batch {
+                                    return Ok(Some(batch));
+                                }
+                            }
+                            Err(_) => self.careful(self.batch_start)?,
+                        }
+                    }
+                }
+                Err(_) => self.careful(self.batch_start)?,
+            }
+        }
+    }
+
+    /// At the end of the file, tells the CSV decoder that its last record ended.
+    fn end_of_region(&mut self) -> Result<(), ArrowError> {
+        if self.eof && self.carry.is_empty() && !self.format.is_json() {
+            self.decoder.decode(&[])?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the decoder; for JSON, fails when the rows are not one a line
+    /// (a broken line that swallowed the next, or two objects on a line).
+    fn flush_checked(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
+        if let TextDecoder::Json(decoder) = &self.decoder
+            && decoder.has_partial_record()
+        {
+            return Err(ArrowError::JsonError("a record is not complete".to_string()));
+        }
+        let batch = self.decoder.flush()?;
+        if self.format.is_json() {
+            let rows = batch.as_ref().map_or(0, RecordBatch::num_rows);
+            let lines = count_lines(&self.region[self.batch_start..self.pos]);
+            if rows != lines {
+                return Err(ArrowError::JsonError(format!("{rows} records on {lines} lines")));
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Reads the next region of whole lines; false at the end of the file.
+    async fn next_region(&mut self) -> Result<bool, TextError> {
+        self.region_line += memchr::memchr_iter(b'\n', &self.region).count() as u64;
+        if !self.region.is_empty() {
+            self.first_region = false;
+        }
+        loop {
+            if self.eof {
+                if self.carry.is_empty() {
+                    self.region = Bytes::new();
+                    return Ok(false);
+                }
+                let last = std::mem::take(&mut self.carry);
+                self.set_region(Bytes::from(last));
+                return Ok(true);
+            }
+            match self.bytes.next().await {
+                Some(Ok(chunk)) => match memchr::memrchr(b'\n', &chunk) {
+                    Some(last) => {
+                        let lines = if self.carry.is_empty() {
+                            chunk.slice(..=last)
+                        } else {
+                            let mut joined = std::mem::take(&mut self.carry);
+                            joined.extend_from_slice(&chunk[..=last]);
+                            Bytes::from(joined)
+                        };
+                        self.carry = chunk[last + 1..].to_vec();
+                        self.set_region(lines);
+                        return Ok(true);
+                    }
+                    None => self.carry.extend_from_slice(&chunk),
+                },
+                Some(Err(e)) => return Err(TextError::Storage(e)),
+                None => self.eof = true,
+            }
+        }
+    }
+
+    fn set_region(&mut self, region: Bytes) {
+        self.region = region;
+        self.pos = 0;
+        self.batch_start = 0;
+    }
+
+    /// Decodes `region[start..]` the careful way (see the module's doc), then
+    /// goes on with a fresh decoder after it.
+    fn careful(&mut self, start: usize) -> Result<(), TextError> {
+        let first_line = self.region_line + memchr::memchr_iter(b'\n', &self.region[..start]).count() as u64;
+        let mut lines = split_lines(self.region.slice(start..), first_line);
+        let header = self.format.format == Format::Csv && self.format.csv.header;
+        if header && self.first_region && start == 0 && lines.first().is_some_and(|(line, _)| *line == 1) {
+            lines.remove(0);
+        }
+        let good = if self.format.is_json() { json_syntax(lines, &mut self.bad) } else { lines };
+        decode_lines(&self.format, &good, &mut self.ready, &mut self.bad).map_err(TextError::Setup)?;
+        self.pos = self.region.len();
+        self.batch_start = self.pos;
+        self.decoder = self.format.decoder(BATCH_ROWS, false).map_err(TextError::Setup)?;
+        Ok(())
+    }
+}
+
+/// Lines holding something other than whitespace.
+fn count_lines(bytes: &[u8]) -> usize {
+    let mut count = 0;
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
+        if bytes[start..end].iter().any(|b| !b.is_ascii_whitespace()) {
+            count += 1;
+        }
+        start = end + 1;
+    }
+    count
+}
+
+/// The non-blank lines of `bytes` with their line numbers, each without its line break.
+fn split_lines(bytes: Bytes, first_line: u64) -> Vec<(u64, Bytes)> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', &bytes).chain(std::iter::once(bytes.len()));
+    for (number, end) in (first_line..).zip(ends) {
+        if start > bytes.len() {
+            break;
+        }
+        let mut line = &bytes[start..end];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        if line.iter().any(|b| !b.is_ascii_whitespace()) {
+            lines.push((number, bytes.slice_ref(line)));
+        }
+        start = end + 1;
+    }
+    lines
+}
+
+/// A decoder that checks JSON syntax only (no columns).
+fn syntax_decoder() -> arrow::json::reader::Decoder {
+    arrow::json::ReaderBuilder::new(Arc::new(Schema::empty()))
+        .with_batch_size(SYNTAX_FLUSH_LINES + 1)
+        .build_decoder()
+        .expect("a decoder with no columns")
+}
+
+/// Whether `line` is one whole JSON object (its strings' UTF-8 is checked at flush).
+fn syntax_check(decoder: &mut arrow::json::reader::Decoder, line: &[u8]) -> Result<(), String> {
+    let before = decoder.len();
+    let consumed = decoder.decode(line).map_err(|e| e.to_string())?;
+    if consumed < line.len() || decoder.has_partial_record() || decoder.len() != before + 1 {
+        return Err("the line is not one complete JSON object".to_string());
+    }
+    Ok(())
+}
+
+/// Splits JSON lines into those that are whole objects and bad records.
+fn json_syntax(lines: Vec<(u64, Bytes)>, bad: &mut Vec<BadRecord>) -> Vec<(u64, Bytes)> {
+    let mut good: Vec<(u64, Bytes)> = Vec::with_capacity(lines.len());
+    let mut decoder = syntax_decoder();
+    // Lines since the decoder's last flush, whose strings are not checked yet.
+    let mut unflushed = 0;
+    let flush = |decoder: &mut arrow::json::reader::Decoder,
+                 good: &mut Vec<(u64, Bytes)>,
+                 bad: &mut Vec<BadRecord>,
+                 unflushed: usize| {
+        if decoder.flush().is_ok() {
+            return;
+        }
+        // Some line's strings are not UTF-8 (or a line is not an object): check them one by one.
+        *decoder = syntax_decoder();
+        let pending = good.split_off(good.len() - unflushed);
+        for (number, line) in pending {
+            let mut single = syntax_decoder();
+            match syntax_check(&mut single, &line).and_then(|()| single.flush().map(|_| ()).map_err(|e| e.to_string()))
+            {
+                Ok(()) => good.push((number, line)),
+                Err(error) => bad.push(BadRecord { line: number, raw: line, error }),
+            }
+        }
+    };
+    for (number, line) in lines {
+        match syntax_check(&mut decoder, &line) {
+            Ok(()) => {
+                good.push((number, line));
+                unflushed += 1;
+                if unflushed == SYNTAX_FLUSH_LINES {
+                    flush(&mut decoder, &mut good, bad, unflushed);
+                    unflushed = 0;
+                }
+            }
+            Err(error) => {
+                bad.push(BadRecord { line: number, raw: line, error });
+                // The decoder is spoiled: check what it held, and start again.
+                flush_spoiled(&mut decoder, &mut good, bad, unflushed);
+                unflushed = 0;
+            }
+        }
+    }
+    flush(&mut decoder, &mut good, bad, unflushed);
+    good
+}
+
+/// After a syntax error the decoder cannot be flushed: the lines it held since
+/// its last flush are checked again with a fresh one.
+fn flush_spoiled(
+    decoder: &mut arrow::json::reader::Decoder,
+    good: &mut Vec<(u64, Bytes)>,
+    bad: &mut Vec<BadRecord>,
+    unflushed: usize,
+) {
+    *decoder = syntax_decoder();
+    let pending = good.split_off(good.len() - unflushed);
+    let mut recheck = syntax_decoder();
+    let mut ok = true;
+    for (_, line) in &pending {
+        ok &= syntax_check(&mut recheck, line).is_ok();
+    }
+    if ok && recheck.flush().is_ok() {
+        good.extend(pending);
+        return;
+    }
+    for (number, line) in pending {
+        let mut single = syntax_decoder();
+        match syntax_check(&mut single, &line).and_then(|()| single.flush().map(|_| ()).map_err(|e| e.to_string())) {
+            Ok(()) => good.push((number, line)),
+            Err(error) => bad.push(BadRecord { line: number, raw: line, error }),
+        }
+    }
+}
+
+/// Decodes `lines` in groups, narrowing down to single lines only where a group fails.
+fn decode_lines(
+    format: &TextFormat,
+    lines: &[(u64, Bytes)],
+    ready: &mut VecDeque<RecordBatch>,
+    bad: &mut Vec<BadRecord>,
+) -> Result<(), ArrowError> {
+    for group in lines.chunks(BATCH_ROWS) {
+        if let Ok(batch) = decode_group(format, group)? {
+            ready.extend(batch);
+            continue;
+        }
+        for small in group.chunks(SMALL_GROUP) {
+            if let Ok(batch) = decode_group(format, small)? {
+                ready.extend(batch);
+                continue;
+            }
+            for single in small.chunks(1) {
+                match decode_group(format, single)? {
+                    Ok(batch) => ready.extend(batch),
+                    Err(error) => {
+                        let (line, raw) = single[0].clone();
+                        bad.push(BadRecord { line, raw, error: describe(format, error) });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a group of lines with a fresh decoder: the outer error is a decoder
+/// that cannot be built, the inner one the group's decoding error.
+fn decode_group(
+    format: &TextFormat,
+    lines: &[(u64, Bytes)],
+) -> Result<Result<Option<RecordBatch>, ArrowError>, ArrowError> {
+    let mut decoder = format.decoder(lines.len() + 1, false)?;
+    Ok((|| {
+        for (_, line) in lines {
+            let mut rest: &[u8] = line;
+            if !format.is_json() {
+                // CSV records end at a line break; the lines were split without one.
+                let consumed = decoder.decode(rest)?;
+                rest = &rest[consumed..];
+                if rest.is_empty() {
+                    decoder.decode(b"\n")?;
+                }
+            } else {
+                let consumed = decoder.decode(rest)?;
+                rest = &rest[consumed..];
+            }
+            if !rest.is_empty() {
+                return Err(ArrowError::JsonError("the line holds more than one record".to_string()));
+            }
+        }
+        if let TextDecoder::Json(json) = &decoder
+            && json.has_partial_record()
+        {
+            return Err(ArrowError::JsonError("the line is not one complete JSON object".to_string()));
+        }
+        let batch = decoder.flush()?;
+        if batch.as_ref().map_or(0, RecordBatch::num_rows) != lines.len() {
+            return Err(ArrowError::JsonError("the lines do not hold one record each".to_string()));
+        }
+        Ok(batch)
+    })())
+}
+
+/// An arrow decoding error as a user reads it: for CSV, the column by name
+/// rather than by position, and no row number (the record's line is known).
+fn describe(format: &TextFormat, error: ArrowError) -> String {
+    let mut message = match error {
+        ArrowError::JsonError(m) | ArrowError::CsvError(m) | ArrowError::ParseError(m) => m,
+        other => other.to_string(),
+    };
+    if format.is_json() {
+        return message;
+    }
+    let number_after = |text: &str, marker: &str| -> Option<(usize, u64)> {
+        let start = text.find(marker)? + marker.len();
+        let digits: String = text[start..].chars().take_while(char::is_ascii_digit).collect();
+        Some((start - marker.len(), digits.parse().ok()?))
+    };
+    if let Some((_, column)) = number_after(&message, "for column ")
+        && let Some(field) = usize::try_from(column).ok().and_then(|c| format.schema.fields().get(c))
+    {
+        message = message.replacen(&format!("for column {column}"), &format!("for column `{}`", field.name()), 1);
+    }
+    for marker in [" at line ", " for line "] {
+        if let Some((at, number)) = number_after(&message, marker) {
+            message.replace_range(at..at + marker.len() + number.to_string().len(), "");
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array};
+    use arrow::datatypes::{DataType, Field};
+
+    fn reader(format: Format, text: &'static [u8], chunk: usize) -> TextReader {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let chunks: Vec<object_store::Result<Bytes>> = text.chunks(chunk).map(|c| Ok(Bytes::from_static(c))).collect();
+        let format = TextFormat { format, schema, csv: CsvOptions::default() };
+        TextReader::new(format, futures::stream::iter(chunks).boxed()).unwrap()
+    }
+
+    async fn read_all(mut reader: TextReader) -> (Vec<i64>, Vec<(u64, String)>) {
+        let mut ids = Vec::new();
+        while let Ok(Some(batch)) = reader.next_batch().await {
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+            ids.extend((0..column.len()).map(|i| if column.is_null(i) { -1 } else { column.value(i) }));
+        }
+        let mut bad: Vec<(u64, String)> = reader.take_bad().into_iter().map(|b| (b.line, b.error)).collect();
+        bad.sort();
+        (ids, bad)
+    }
+
+    const JSON: &[u8] = b"{\"id\": 1, \"name\": \"a\"}\n\
+        {\"id\": 2, \"name\": \"b\"\n\
+        {\"id\": 3, \"name\": \"c\"}\n\
+        \n\
+        not json\n\
+        {\"id\": \"four\", \"name\": \"d\"}\n\
+        {\"id\": 5, \"name\": \"\xff\"}\n\
+        [6]\n\
+        {\"id\": 7, \"name\": \"g\"} {\"id\": 8}\n\
+        {\"id\": 9, \"name\": \"tail\"";
+
+    #[tokio::test]
+    async fn bad_json_lines_are_set_aside_with_their_line_and_good_ones_kept() {
+        for chunk in [7, 64, 4096] {
+            let (ids, bad) = read_all(reader(Format::Json, JSON, chunk)).await;
+            assert_eq!(ids, vec![1, 3], "chunk {chunk}");
+            let lines: Vec<u64> = bad.iter().map(|(line, _)| *line).collect();
+            assert_eq!(lines, vec![2, 5, 6, 7, 8, 9, 10], "chunk {chunk}: {bad:?}");
+            assert!(bad[2].1.contains("four"), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_csv_rows_are_set_aside_with_their_line() {
+        let text: &'static [u8] = b"id,name\n1,a\n2,b,extra\nx,c\n4,d\n5,e";
+        for chunk in [5, 4096] {
+            let (ids, bad) = read_all(reader(Format::Csv, text, chunk)).await;
+            assert_eq!(ids, vec![1, 4, 5], "chunk {chunk}");
+            let lines: Vec<u64> = bad.iter().map(|(line, _)| *line).collect();
+            assert_eq!(lines, vec![3, 4], "{bad:?}");
+            assert!(bad[1].1.contains("column `id`"), "{bad:?}");
+            assert!(!bad[1].1.contains("line"), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn good_rows_before_a_bad_last_region_are_kept() {
+        let (ids, bad) = read_all(reader(Format::Json, b"{\"id\": \"x\"}\n{\"id\": 2}\n", 4096)).await;
+        assert_eq!((ids, bad.len()), (vec![2], 1));
+    }
+
+    #[tokio::test]
+    async fn clean_input_stays_on_the_fast_path() {
+        let text: String = (0..20_000).map(|i| format!("{{\"id\": {i}, \"name\": \"n{i}\"}}\n")).collect();
+        let text: &'static [u8] = Box::leak(text.into_bytes().into_boxed_slice());
+        let (ids, bad) = read_all(reader(Format::Json, text, 100_000)).await;
+        assert_eq!(ids.len(), 20_000);
+        assert!(bad.is_empty());
+        assert!(ids.windows(2).all(|w| w[0] + 1 == w[1]));
+    }
+}
