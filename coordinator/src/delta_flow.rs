@@ -19,7 +19,7 @@ use sluice_worker::watermark::WatermarkKind;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::commit::{committed_batch, load_table};
+use crate::commit::load_table;
 use crate::error::CoordinatorError;
 use crate::flow_runner::{BatchWork, Committed, FlowContext, commit_info};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
@@ -61,12 +61,7 @@ impl DeltaFlowRunner {
         while !cancel.is_cancelled() {
             let Some(source) = self.open_source().await? else { break };
             let target = self.ctx.target().await?;
-            let committed = match &target {
-                Some(table) => committed_batch(table, &self.ctx.flow.app_id(&self.ctx.pipeline))
-                    .await
-                    .map_err(|e| self.ctx.delta_error(e))?,
-                None => None,
-            };
+            let committed = self.ctx.committed(target.as_ref()).await?;
             let Some(planned) = self.plan(&source, committed).await? else { break };
             let watermark = planned.watermark.is_some();
             if let Some(report) = self.run_batch(&source, target.as_ref(), committed, &planned).await? {

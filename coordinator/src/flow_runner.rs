@@ -179,13 +179,7 @@ impl FlowRunner {
         let checkpoint = &self.ctx.checkpoint;
         let plans = checkpoint.plans(self.flow()).await?;
         let commits = checkpoint.commits(self.flow()).await?;
-        let table = self.ctx.target().await?;
-        let txn = match &table {
-            Some(table) => committed_batch(table, &self.ctx.flow.app_id(&self.ctx.pipeline))
-                .await
-                .map_err(|e| self.ctx.delta_error(e))?,
-            None => None,
-        };
+        let txn = self.ctx.committed(self.ctx.target().await?.as_ref()).await?;
         let mut ledger = Ledger::default();
         let mut pending: Option<BatchPlan> = None;
         for plan in &plans {
@@ -453,6 +447,16 @@ impl FlowContext {
     /// The sink table as it is now, if it exists.
     pub(crate) async fn target(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
         load_table(&self.flow.sink.table).await.map_err(|e| self.delta_error(e))
+    }
+
+    /// The highest batch (txn version) of this flow in `target`.
+    pub(crate) async fn committed(&self, target: Option<&DeltaTable>) -> Result<Option<u64>, CoordinatorError> {
+        match target {
+            Some(table) => {
+                committed_batch(table, &self.flow.app_id(&self.pipeline)).await.map_err(|e| self.delta_error(e))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The merge a task does for a merge sink, against the table as it is now.

@@ -219,6 +219,11 @@ pub fn log_entries(table: &Path) -> Vec<Vec<serde_json::Value>> {
         .collect()
 }
 
+/// The `commitInfo` of each commit, in log order.
+pub fn commit_infos(table: &Path) -> Vec<serde_json::Value> {
+    log_entries(table).iter().flatten().filter_map(|a| a.get("commitInfo").cloned()).collect()
+}
+
 /// The txn versions committed to the table, in log order (one per batch).
 pub fn txn_versions(table: &Path) -> Vec<i64> {
     log_entries(table)

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sluice_tests::changes::{Change, Model, apply, create_source};
-use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_text, txn_versions};
+use sluice_tests::harness::{Sandbox, commit_infos, kill_hard, log_entries, query_text, txn_versions};
 
 const FAILPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -176,8 +176,7 @@ flows:
     assert!(second.contains("| 1  | third | 3   |"), "a stale change is ignored:\n{second}");
     assert!(second.contains("| 2  | newer | 6   |") && second.contains("| 4  | new   | 1   |"), "{second}");
     assert_eq!(second.lines().filter(|l| l.starts_with("| ")).count(), 4, "{second}");
-    let last = log_entries(&silver).last().cloned().unwrap();
-    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    let info = commit_infos(&silver).pop().expect("a commit");
     assert_eq!(info["sluice.merge.ignored"], 2, "{info}");
     assert_eq!(info["sluice.merge.inserted"], 1, "{info}");
     assert_eq!(info["sluice.merge.updated"], 1, "{info}");
@@ -243,8 +242,7 @@ flows:
     );
     sandbox.run_ok();
     assert_eq!(history(&silver), "1:a:x:1:1-2 1:b:x:2:2-3 1:c:y:5:3- 2:p:x:1:1-4 2:q:x:6:6-");
-    let last = log_entries(&silver).last().cloned().unwrap();
-    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    let info = commit_infos(&silver).pop().expect("a commit");
     assert_eq!(info["sluice.merge.ignored"], 1, "{info}");
     assert_eq!(info["sluice.merge.files_rewritten"], 1, "{info}");
 }
@@ -406,8 +404,7 @@ fn the_medallion_example_runs_and_a_second_run_does_only_the_new_work() {
         r#"SELECT count(*) FROM t WHERE "InvoiceNumber" IN ('1-0', '1-1') AND "PaymentMethod" = 'CASH'"#,
     );
     assert!(cash.contains("| 2 "), "the corrections replaced the invoices:\n{cash}");
-    let last = log_entries(&silver).last().cloned().unwrap();
-    let info = last.iter().find_map(|a| a.get("commitInfo")).unwrap();
+    let info = commit_infos(&silver).pop().expect("a commit");
     assert_eq!(
         (info["sluice.merge.inserted"].as_u64(), info["sluice.merge.updated"].as_u64()),
         (Some(5), Some(2)),

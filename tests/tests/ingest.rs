@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use sluice_tests::harness::{Sandbox, log_entries, query_i64, query_string, query_text, table_version};
+use sluice_tests::harness::{Sandbox, commit_infos, log_entries, query_i64, query_string, query_text, table_version};
 use sluice_tests::invoices::{INVOICE_SCHEMA, invoice, write_invoice_file};
 
 const PIPELINE: &str = r#"
@@ -88,7 +88,7 @@ fn first_run_ingests_every_file_once_and_reruns_add_only_new_files() {
     assert!(text.contains(&first.invoice_line_items[0].item_code), "{text}");
 
     // commitInfo names the batch.
-    let infos: Vec<_> = log_entries(&table).iter().flatten().filter_map(|a| a.get("commitInfo").cloned()).collect();
+    let infos = commit_infos(&table);
     assert_eq!(infos[1]["sluice.batch"], 2, "{:?}", infos[1]);
 
     // A second run with nothing new commits nothing.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::harness::{Sandbox, kill_hard, log_entries, query_i64, query_string, table_version, txn_versions};
+use sluice_tests::harness::{Sandbox, commit_infos, kill_hard, query_i64, query_string, table_version, txn_versions};
 
 const JSON_PIPELINE: &str = r#"
 pipeline: quality
@@ -163,11 +163,7 @@ fn expectations_warn_drop_and_quarantine_rows_and_count_them() {
         "positive": { "action": "drop", "failed": 2 },
     });
     assert_eq!(summary["flows"][0]["quality"]["expectations"], expected, "{summary}");
-    let info = log_entries(&table)
-        .into_iter()
-        .flatten()
-        .find_map(|action| action.get("commitInfo").cloned())
-        .expect("a commitInfo");
+    let info = commit_infos(&table).remove(0);
     assert_eq!(info["sluice.expectations"], expected, "{info}");
     assert_eq!(info["sluice.quarantined_rows"].as_u64(), Some(2), "{info}");
 }

@@ -59,26 +59,16 @@ impl Entry {
 }
 
 /// What a task quarantines, shared by its reading and writing sides.
-#[derive(Debug, Default)]
-pub struct Collected {
-    pub entries: Vec<Entry>,
-    pub malformed_rows: u64,
-    pub unreadable_files: u64,
-}
-
-pub type Collector = Arc<Mutex<Collected>>;
+pub type Collector = Arc<Mutex<Vec<Entry>>>;
 
 /// Adds `entries` to the collector.
 pub fn collect(collector: &Collector, entries: impl IntoIterator<Item = Entry>) {
-    let mut collected = collector.lock().unwrap_or_else(|e| e.into_inner());
-    for entry in entries {
-        match entry.kind {
-            KIND_RECORD => collected.malformed_rows += 1,
-            KIND_FILE => collected.unreadable_files += 1,
-            _ => {}
-        }
-        collected.entries.push(entry);
-    }
+    collector.lock().unwrap_or_else(|e| e.into_inner()).extend(entries);
+}
+
+/// How many of `entries` are of `kind`.
+pub fn count(entries: &[Entry], kind: &str) -> u64 {
+    entries.iter().filter(|e| e.kind == kind).count() as u64
 }
 
 /// The quarantine table's schema: Delta's, and the Arrow schema rows are written with.

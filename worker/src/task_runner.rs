@@ -101,28 +101,18 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
-            let collected = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
+            let entries = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
             let origin = Origin { flow: &task.id.flow, batch: task.id.batch, at_us: task.ingest_time_us };
-            let quarantine_adds = quarantine::write(&task.quarantine_url, &collected.entries, &origin).await?;
+            let quarantine_adds = quarantine::write(&task.quarantine_url, &entries, &origin).await?;
             let quality = Quality {
-                malformed_rows: collected.malformed_rows,
-                unreadable_files: collected.unreadable_files,
-                quarantined_rows: collected.entries.len() as u64,
+                malformed_rows: quarantine::count(&entries, quarantine::KIND_RECORD),
+                unreadable_files: quarantine::count(&entries, quarantine::KIND_FILE),
+                quarantined_rows: entries.len() as u64,
                 expectations: expected.counts,
             };
-            let encode_error = |e: serde_json::Error| WorkerError::Schema(format!("cannot encode an action: {e}"));
-            let to_values = |actions: &[deltalake::kernel::Add]| {
-                actions.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>().map_err(encode_error)
-            };
-            let removes = written
-                .removes
-                .iter()
-                .map(serde_json::to_value)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(encode_error)?;
             Ok(TaskResult {
                 adds: to_values(&written.adds)?,
-                removes,
+                removes: to_values(&written.removes)?,
                 rows: written.rows,
                 files,
                 bytes_read: bytes,
@@ -134,6 +124,15 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
             })
         }
     }
+}
+
+/// Delta actions as JSON values, as they travel back to the coordinator.
+fn to_values<T: serde::Serialize>(actions: &[T]) -> Result<Vec<serde_json::Value>, WorkerError> {
+    actions
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| WorkerError::Schema(format!("cannot encode an action: {e}")))
 }
 
 /// Tells the transform the input failed, and ends reading with `error`.

@@ -159,10 +159,6 @@ impl TextReader {
         std::mem::take(&mut self.bad)
     }
 
-    pub fn has_bad(&self) -> bool {
-        !self.bad.is_empty()
-    }
-
     /// The next batch of good rows, or `None` at the end of the file. Bad
     /// records found on the way wait in [`Self::take_bad`].
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
@@ -173,20 +169,10 @@ impl TextReader {
             if self.pos == self.region.len() {
                 if self.batch_start < self.pos {
                     // The region's last rows.
-                    let start = self.batch_start;
-                    match self.end_of_region().and_then(|()| self.flush_checked()) {
-                        Ok(batch) => {
-                            self.batch_start = self.pos;
-                            if let Some(batch) = batch {
-                                return Ok(Some(batch));
-                            }
-                        }
-                        Err(_) => {
-                            // Its good rows wait in `ready`.
-                            self.careful(start)?;
-                            continue;
-                        }
+                    if let Some(batch) = self.flush_rows()? {
+                        return Ok(Some(batch));
                     }
+                    continue;
                 }
                 if !self.next_region().await? {
                     return Ok(None);
@@ -196,20 +182,33 @@ impl TextReader {
             match self.decoder.decode(&self.region[self.pos..]) {
                 Ok(consumed) => {
                     self.pos += consumed;
-                    if self.pos < self.region.len() {
-                        // The decoder stopped early: a batch is full.
-                        match self.flush_checked() {
-                            Ok(batch) => {
-                                self.batch_start = self.pos;
-                                if let Some(batch) = batch {
-                                    return Ok(Some(batch));
-                                }
-                            }
-                            Err(_) => self.careful(self.batch_start)?,
-                        }
+                    // The decoder stopped early: a batch is full.
+                    if self.pos < self.region.len()
+                        && let Some(batch) = self.flush_rows()?
+                    {
+                        return Ok(Some(batch));
                     }
                 }
                 Err(_) => self.careful(self.batch_start)?,
+            }
+        }
+    }
+
+    /// Takes the rows decoded since the last flush. When they do not come out
+    /// right, the rest of the region takes the careful path and its good rows
+    /// wait in `ready`.
+    fn flush_rows(&mut self) -> Result<Option<RecordBatch>, TextError> {
+        let start = self.batch_start;
+        let at_end = self.pos == self.region.len();
+        let flushed = if at_end { self.end_of_region() } else { Ok(()) }.and_then(|()| self.flush_checked());
+        match flushed {
+            Ok(batch) => {
+                self.batch_start = self.pos;
+                Ok(batch)
+            }
+            Err(_) => {
+                self.careful(start)?;
+                Ok(None)
             }
         }
     }
@@ -361,67 +360,46 @@ fn json_syntax(lines: Vec<(u64, Bytes)>, bad: &mut Vec<BadRecord>) -> Vec<(u64, 
     let mut decoder = syntax_decoder();
     // Lines since the decoder's last flush, whose strings are not checked yet.
     let mut unflushed = 0;
-    let flush = |decoder: &mut arrow::json::reader::Decoder,
-                 good: &mut Vec<(u64, Bytes)>,
-                 bad: &mut Vec<BadRecord>,
-                 unflushed: usize| {
-        if decoder.flush().is_ok() {
-            return;
-        }
-        // Some line's strings are not UTF-8 (or a line is not an object): check them one by one.
-        *decoder = syntax_decoder();
-        let pending = good.split_off(good.len() - unflushed);
-        for (number, line) in pending {
-            let mut single = syntax_decoder();
-            match syntax_check(&mut single, &line).and_then(|()| single.flush().map(|_| ()).map_err(|e| e.to_string()))
-            {
-                Ok(()) => good.push((number, line)),
-                Err(error) => bad.push(BadRecord { line: number, raw: line, error }),
-            }
-        }
-    };
     for (number, line) in lines {
         match syntax_check(&mut decoder, &line) {
             Ok(()) => {
                 good.push((number, line));
                 unflushed += 1;
                 if unflushed == SYNTAX_FLUSH_LINES {
-                    flush(&mut decoder, &mut good, bad, unflushed);
+                    flush_syntax(&mut decoder, &mut good, bad, unflushed);
                     unflushed = 0;
                 }
             }
             Err(error) => {
                 bad.push(BadRecord { line: number, raw: line, error });
-                // The decoder is spoiled: check what it held, and start again.
-                flush_spoiled(&mut decoder, &mut good, bad, unflushed);
-                unflushed = 0;
+                // The decoder is spoiled: a fresh one takes the lines it held,
+                // whose strings its next flush checks.
+                decoder = syntax_decoder();
+                for (_, held) in &good[good.len() - unflushed..] {
+                    let refed = syntax_check(&mut decoder, held);
+                    debug_assert!(refed.is_ok(), "a line passed this check before");
+                }
             }
         }
     }
-    flush(&mut decoder, &mut good, bad, unflushed);
+    flush_syntax(&mut decoder, &mut good, bad, unflushed);
     good
 }
 
-/// After a syntax error the decoder cannot be flushed: the lines it held since
-/// its last flush are checked again with a fresh one.
-fn flush_spoiled(
+/// Flushes the syntax decoder, which checks the strings of the last
+/// `unflushed` good lines are UTF-8 (and that each line is an object); when
+/// that fails, those lines are checked one by one.
+fn flush_syntax(
     decoder: &mut arrow::json::reader::Decoder,
     good: &mut Vec<(u64, Bytes)>,
     bad: &mut Vec<BadRecord>,
     unflushed: usize,
 ) {
-    *decoder = syntax_decoder();
-    let pending = good.split_off(good.len() - unflushed);
-    let mut recheck = syntax_decoder();
-    let mut ok = true;
-    for (_, line) in &pending {
-        ok &= syntax_check(&mut recheck, line).is_ok();
-    }
-    if ok && recheck.flush().is_ok() {
-        good.extend(pending);
+    if decoder.flush().is_ok() {
         return;
     }
-    for (number, line) in pending {
+    *decoder = syntax_decoder();
+    for (number, line) in good.split_off(good.len() - unflushed) {
         let mut single = syntax_decoder();
         match syntax_check(&mut single, &line).and_then(|()| single.flush().map(|_| ()).map_err(|e| e.to_string())) {
             Ok(()) => good.push((number, line)),
