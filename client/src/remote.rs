@@ -275,6 +275,9 @@ pub fn status_json(status: &PipelineStatus) -> serde_json::Value {
             "malformed_rows": f.malformed_rows,
             "unreadable_files": f.unreadable_files,
             "expectations_failed": f.expectations_failed,
+            "schema_version": (f.schema_version > 0).then_some(f.schema_version),
+            "schema": (!f.schema.is_empty()).then_some(&f.schema),
+            "schema_added": f.schema_added,
             "tasks": f.tasks.iter().map(|t| serde_json::json!({
                 "batch": t.batch, "index": t.index, "worker": t.worker, "files": t.files,
                 "bytes": t.bytes, "attempt": t.attempt, "done": t.done,
@@ -315,6 +318,14 @@ pub fn status_text(status: &PipelineStatus) -> String {
             if f.caught_up { "; caught up" } else { "" },
         );
         let _ = writeln!(out, "  table: {}", f.table);
+        if f.schema_version > 0 {
+            let added = if f.schema_added.is_empty() {
+                String::new()
+            } else {
+                format!(" (last added: {})", f.schema_added.join(", "))
+            };
+            let _ = writeln!(out, "  schema version {}{added}: {}", f.schema_version, f.schema);
+        }
         if f.quarantined_rows > 0 {
             let _ = writeln!(
                 out,

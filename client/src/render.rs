@@ -93,6 +93,13 @@ pub fn line_for(event: &ProgressEvent) -> Option<String> {
             format!("{flow}: warning: {file} was deleted before batch {batch} committed; it is left out")
         }
         ProgressEvent::FlowCaughtUp { flow } => format!("{flow}: caught up"),
+        ProgressEvent::SchemaVersion { flow, version, origin, added, file, schema } => match (added.is_empty(), file) {
+            (false, Some(file)) => format!(
+                "{flow}: schema version {version}: new column(s) {} (first seen in {file}) added to the schema and the table",
+                added.join(", ")
+            ),
+            _ => format!("{flow}: schema version {version} ({origin}): {schema}"),
+        },
         ProgressEvent::RoundFailed { flow, message } => format!("{flow}: error, trying again next round: {message}"),
         ProgressEvent::FlowSkipped { flow, upstream } => {
             format!("{flow}: not run, because `{upstream}`, which it reads from, failed")

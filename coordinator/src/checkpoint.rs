@@ -53,9 +53,22 @@ pub struct CommitRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchemaRecord {
     pub version: u64,
+    /// The source schema files are decoded into (without `_metadata` and `_rescued_data`).
     pub schema: Schema,
-    /// `inferred` or `declared`.
+    /// `inferred`, `declared` or `evolved`.
     pub origin: String,
+    /// The schema declared in the pipeline file this version derives from; a
+    /// different declaration starts a new version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared: Option<Schema>,
+    /// Columns this version added to the previous one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+    /// The file where they were first seen, and the batch that brought them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u64>,
 }
 
 pub struct Checkpoint {

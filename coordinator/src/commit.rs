@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, Remove, StructType, Transaction};
+use deltalake::kernel::{Action, Add, MetadataExt, Remove, StructType, Transaction};
 use deltalake::operations::create::CreateBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -42,7 +42,8 @@ pub struct BatchCommit {
     /// The batch follows this one (`None`: the flow's first); a table whose
     /// txn shows another is not committed to.
     pub follows: Option<Option<u64>>,
-    /// The table's schema, used when this commit creates the table.
+    /// The table's schema: used when this commit creates the table, and
+    /// written with it when it has columns the table lacks (schema evolution).
     pub schema: StructType,
     pub partition_by: Vec<String>,
     pub properties: BTreeMap<String, String>,
@@ -180,6 +181,13 @@ async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutco
             not_matched_by_source_predicates: Vec::new(),
         },
     };
+    // Schema evolution: the table gains the batch's new columns in this very commit.
+    let current = snapshot.schema();
+    if request.schema.fields().any(|f| current.field(f.name()).is_none()) {
+        let metadata = snapshot.metadata().clone().with_schema(&request.schema).map_err(DeltaTableError::from)?;
+        info!(batch = request.batch, "the commit adds columns to the table's schema");
+        actions.push(Action::Metadata(metadata));
+    }
     actions.extend(request.removes.iter().cloned().map(Action::Remove));
     actions.extend(request.adds.iter().cloned().map(Action::Add));
     let finalized = CommitBuilder::from(properties(request))

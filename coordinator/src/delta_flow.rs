@@ -289,6 +289,7 @@ impl DeltaFlowRunner {
                 merge: merge.clone(),
                 watermark: planned.watermark.clone(),
                 on_malformed: Default::default(),
+                schema_evolution: Default::default(),
                 expectations: self.ctx.flow.expectations.clone(),
                 quarantine_url: self.ctx.flow.quarantine.to_string(),
             })
@@ -316,7 +317,7 @@ impl DeltaFlowRunner {
             info.insert("sluice.watermark.after".to_string(), read.after.into());
         }
         let work = BatchWork { batch: planned.batch, tasks, delta_schema, follows: Some(committed), info };
-        let Committed { version, rows, merge, batch, quality } = self.ctx.execute_and_commit(work).await?;
+        let Committed { version, rows, merge, batch, quality } = self.ctx.execute_and_commit(work, None).await?;
         let Some(batch) = batch else {
             info!(flow, "nothing beyond the watermark; nothing committed");
             return Ok(None);

@@ -18,16 +18,20 @@ use deltalake::kernel::{Add, Remove, StructType};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
-use sluice_proto::spec::{FilesSource, FlowSpec, SchemaSpec, SinkMode};
-use sluice_proto::task::{MergeCounts, MergeTask, Quality, SourceFile, TaskId, TaskOutcome, TaskResult, TaskSpec};
+use sluice_proto::schema_ddl::to_ddl;
+use sluice_proto::spec::{FilesSource, FlowSpec, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
+use sluice_proto::task::{
+    MergeCounts, MergeTask, NewColumns, Quality, SourceFile, TaskFailure, TaskId, TaskOutcome, TaskResult, TaskSpec,
+};
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::expectations::Expectations;
 use sluice_worker::failpoint;
-use sluice_worker::formats::{InferLimits, infer_schema};
+use sluice_worker::formats::{InferLimits, infer_schema, with_hints, with_new_fields};
 use sluice_worker::history;
 use sluice_worker::merge::check_merge_columns;
 use sluice_worker::metadata::with_metadata_field;
 use sluice_worker::quarantine;
+use sluice_worker::rescue::with_rescued_column;
 use sluice_worker::transform;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -114,7 +118,13 @@ impl FlowRunner {
     ) -> Result<(), CoordinatorError> {
         let mut state = match self.state.take() {
             Some(state) => state,
-            None => self.load_state().await?,
+            None => {
+                let state = self.load_state().await?;
+                if let Some(record) = &state.schema {
+                    self.schema_event(record);
+                }
+                state
+            }
         };
         let source = self.source.clone();
         let listed = list_source(self.flow(), &source).await?;
@@ -165,7 +175,14 @@ impl FlowRunner {
         summary: &mut FlowSummary,
         resumed: bool,
     ) -> Result<(), CoordinatorError> {
+        let before = state.schema.as_ref().map(|r| r.version);
         let report = self.run_batch(plan, state, resumed).await?;
+        if let Some(record) = &state.schema {
+            summary.schema_version = Some(record.version);
+            if before.is_some_and(|v| v < record.version) {
+                summary.schema_added.extend(record.added.iter().cloned());
+            }
+        }
         state.ledger.record(&plan.files);
         state.next_batch = plan.batch + 1;
         summary.add(&report);
@@ -265,27 +282,79 @@ impl FlowRunner {
         Ok(Some(refreshed))
     }
 
-    /// The schema files are decoded into: declared, or inferred once from the first batch.
-    async fn source_schema(&self, state: &mut FlowState, plan: &BatchPlan) -> Result<SchemaRef, CoordinatorError> {
+    /// The schema version files are decoded into: the one in the checkpoint, or
+    /// for the first batch the declared schema or one inferred from the batch's
+    /// files (with the hints applied). A declaration changed in the pipeline
+    /// file starts a new version. `None` while there is nothing to infer from.
+    async fn settle_schema(
+        &self,
+        state: &mut FlowState,
+        plan: &BatchPlan,
+    ) -> Result<Option<SchemaRecord>, CoordinatorError> {
         let source = &self.source;
-        if let SchemaSpec::Declared(schema) = &source.schema {
-            return Ok(schema.clone());
+        let declared = match &source.schema {
+            SchemaSpec::Declared(schema) => Some(schema.as_ref().clone()),
+            SchemaSpec::Infer => None,
+        };
+        if let Some(record) = &state.schema
+            && (declared.is_none() || record.declared == declared)
+        {
+            return Ok(Some(record.clone()));
         }
-        if let Some(record) = &state.schema {
-            return Ok(Arc::new(record.schema.clone()));
-        }
-        let inferred = infer_schema(&plan.files, source.format, &source.csv, InferLimits::default())
-            .await
-            .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
-        if inferred.fields().is_empty() {
-            return Ok(Arc::new(inferred));
-        }
-        info!(flow = self.flow(), columns = inferred.fields().len(), "schema inferred from the first batch");
-        let record = SchemaRecord { version: 1, schema: inferred, origin: "inferred".to_string() };
+        let (schema, origin) = match &declared {
+            Some(schema) => (schema.clone(), "declared"),
+            None => {
+                let sample = InferLimits {
+                    max_files: usize::try_from(source.schema_sample.max_files).unwrap_or(usize::MAX),
+                    max_bytes: source.schema_sample.max_bytes,
+                };
+                let inferred = infer_schema(&plan.files, source.format, &source.csv, sample)
+                    .await
+                    .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
+                if inferred.fields().is_empty() {
+                    return Ok(None);
+                }
+                let hinted = match &source.schema_hints {
+                    Some(hints) => with_hints(&inferred, hints),
+                    None => inferred,
+                };
+                info!(flow = self.flow(), columns = hinted.fields().len(), "schema inferred from the first batch");
+                (hinted, "inferred")
+            }
+        };
+        let record = SchemaRecord {
+            version: state.schema.as_ref().map_or(1, |r| r.version + 1),
+            schema,
+            origin: origin.to_string(),
+            declared,
+            added: Vec::new(),
+            file: None,
+            batch: Some(plan.batch),
+        };
         let record = self.ctx.checkpoint.record_schema(self.flow(), &record).await?;
-        let schema = Arc::new(record.schema.clone());
-        state.schema = Some(record);
-        Ok(schema)
+        self.schema_event(&record);
+        state.schema = Some(record.clone());
+        Ok(Some(record))
+    }
+
+    fn schema_event(&self, record: &SchemaRecord) {
+        self.ctx.progress.send(ProgressEvent::SchemaVersion {
+            flow: self.flow().to_string(),
+            version: record.version,
+            origin: record.origin.clone(),
+            added: record.added.clone(),
+            file: record.file.clone(),
+            schema: to_ddl(&record.schema),
+        });
+    }
+
+    /// The schema files are decoded into for a schema version: with
+    /// `_rescued_data` in `rescue` mode.
+    fn decode_schema(&self, record: &SchemaRecord) -> SchemaRef {
+        match self.source.schema_evolution {
+            SchemaEvolution::Rescue => Arc::new(with_rescued_column(&record.schema)),
+            _ => Arc::new(record.schema.clone()),
+        }
     }
 
     async fn run_batch(
@@ -296,8 +365,8 @@ impl FlowRunner {
     ) -> Result<BatchReport, CoordinatorError> {
         let started = Instant::now();
         let flow = self.flow().to_string();
-        let source_schema = self.source_schema(state, plan).await?;
-        if source_schema.fields().is_empty() {
+        let record = self.settle_schema(state, plan).await?;
+        let Some(record) = record else {
             // Only empty files so far, and no schema to infer from: nothing to write.
             let record = CommitRecord {
                 batch: plan.batch,
@@ -319,11 +388,10 @@ impl FlowRunner {
                 merge: None,
                 quality: None,
             });
-        }
-        let relation = with_metadata_field(&source_schema)
-            .map_err(|e| CoordinatorError::Schema { flow: flow.clone(), message: e.to_string() })?;
+        };
+        let source_schema = self.decode_schema(&record);
         let target = self.ctx.target().await?;
-        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target.as_ref()).await?;
+        let (table_schema, delta_schema) = self.sink_schema(&source_schema, target.as_ref()).await?;
         let tasks = self.tasks_for(plan, &source_schema, &table_schema, target.as_ref());
         self.ctx.progress.send(ProgressEvent::BatchStarted {
             flow: flow.clone(),
@@ -342,7 +410,9 @@ impl FlowRunner {
             follows: None,
             info: commit_info(&self.ctx.pipeline, &flow, plan.batch, plan.files.len() as u64, plan.bytes()),
         };
-        let Committed { version, rows, merge, quality, .. } = self.ctx.execute_and_commit(work).await?;
+        let mut evolver = Evolver { runner: self, state, batch: plan.batch };
+        let Committed { version, rows, merge, quality, .. } =
+            self.ctx.execute_and_commit(work, Some(&mut evolver)).await?;
         let record = CommitRecord {
             batch: plan.batch,
             delta_version: version,
@@ -365,6 +435,17 @@ impl FlowRunner {
             merge,
             quality: (!quality.is_empty()).then_some(quality),
         })
+    }
+
+    /// The sink's schema (Arrow, Delta) for rows decoded into `source_schema`.
+    async fn sink_schema(
+        &self,
+        source_schema: &SchemaRef,
+        target: Option<&DeltaTable>,
+    ) -> Result<(Schema, StructType), CoordinatorError> {
+        let relation = with_metadata_field(source_schema)
+            .map_err(|e| CoordinatorError::Schema { flow: self.flow().to_string(), message: e.to_string() })?;
+        self.ctx.table_schema(&relation, target).await
     }
 
     fn tasks_for(
@@ -402,10 +483,77 @@ impl FlowRunner {
                 merge: merge.clone(),
                 watermark: None,
                 on_malformed: source.on_malformed,
+                schema_evolution: source.schema_evolution,
                 expectations: self.ctx.flow.expectations.clone(),
                 quarantine_url: self.ctx.flow.quarantine.to_string(),
             })
             .collect()
+    }
+}
+
+/// Adds the columns workers found to a batch's schema, as a new schema version.
+struct Evolver<'a> {
+    runner: &'a FlowRunner,
+    state: &'a mut FlowState,
+    batch: u64,
+}
+
+/// The schemas a batch's tasks run again with after new columns were added.
+pub(crate) struct Evolved {
+    pub source_schema: Schema,
+    pub table_schema: Schema,
+    pub delta_schema: StructType,
+}
+
+#[async_trait::async_trait]
+pub(crate) trait EvolveSchema: Send {
+    async fn evolve(&mut self, found: &[NewColumns]) -> Result<Evolved, CoordinatorError>;
+}
+
+#[async_trait::async_trait]
+impl EvolveSchema for Evolver<'_> {
+    async fn evolve(&mut self, found: &[NewColumns]) -> Result<Evolved, CoordinatorError> {
+        let runner = self.runner;
+        let flow = runner.flow().to_string();
+        let Some(current) = self.state.schema.clone() else {
+            return Err(CoordinatorError::Schema { flow, message: "new columns before any schema".to_string() });
+        };
+        let mut schema = current.schema.clone();
+        let mut added = Vec::new();
+        for columns in found {
+            let (evolved, names) = with_new_fields(&schema, &columns.observed);
+            schema = evolved;
+            added.extend(names);
+        }
+        if added.is_empty() {
+            let first = &found[0];
+            return Err(CoordinatorError::Schema {
+                flow,
+                message: format!(
+                    "{} has column(s) {} that the schema lacks, but their type could not be inferred from the file; \
+                     declare them in `schema_hints` or `schema`",
+                    first.file,
+                    first.columns.join(", ")
+                ),
+            });
+        }
+        let record = SchemaRecord {
+            version: current.version + 1,
+            schema,
+            origin: "evolved".to_string(),
+            declared: current.declared.clone(),
+            added,
+            file: found.first().map(|f| f.file.clone()),
+            batch: Some(self.batch),
+        };
+        let record = runner.ctx.checkpoint.record_schema(runner.flow(), &record).await?;
+        info!(flow, version = record.version, added = ?record.added, file = ?record.file, "schema evolved: new columns");
+        runner.schema_event(&record);
+        self.state.schema = Some(record.clone());
+        let source_schema = runner.decode_schema(&record);
+        let target = runner.ctx.target().await?;
+        let (table_schema, delta_schema) = runner.sink_schema(&source_schema, target.as_ref()).await?;
+        Ok(Evolved { source_schema: source_schema.as_ref().clone(), table_schema, delta_schema })
     }
 }
 
@@ -508,14 +656,34 @@ impl FlowContext {
         };
         let snapshot = table.snapshot().map_err(|e| self.delta_error(e))?;
         let existing = snapshot.snapshot().arrow_schema();
+        let adds_columns = matches!(&self.flow.source, SourceSpec::Files(files)
+            if files.schema_evolution == SchemaEvolution::AddNewColumns);
+        let new: Vec<_> =
+            arrow.fields().iter().filter(|f| existing.field_with_name(f.name()).is_err()).cloned().collect();
+        if adds_columns && !new.is_empty() {
+            // The table gains the new columns, in the commit of the batch that brought them.
+            let common = Schema::new(arrow.fields().iter().filter(|f| !new.contains(f)).cloned().collect::<Vec<_>>());
+            check_appendable(&existing, &common)
+                .map_err(|m| schema_error(format!("table {}: {m}", self.flow.sink.table)))?;
+            let evolved = Schema::new(existing.fields().iter().chain(new.iter()).cloned().collect::<Vec<_>>());
+            let (delta, arrow) = to_delta(&evolved).map_err(&schema_error)?;
+            return Ok((arrow, delta));
+        }
         check_appendable(&existing, &arrow)
             .map_err(|m| schema_error(format!("table {}: {m}", self.flow.sink.table)))?;
-        Ok((existing.as_ref().clone(), delta))
+        Ok((existing.as_ref().clone(), snapshot.schema().as_ref().clone()))
     }
 
     /// Publishes the batch's tasks, waits for them, and commits their output
     /// with the flow's txn.
-    pub(crate) async fn execute_and_commit(&self, work: BatchWork) -> Result<Committed, CoordinatorError> {
+    /// With `evolver`, a task that stopped at new columns runs again once they
+    /// are added to the schema; the other tasks' output stands (their files had
+    /// no such columns, which read as NULL in them).
+    pub(crate) async fn execute_and_commit(
+        &self,
+        mut work: BatchWork,
+        evolver: Option<&mut dyn EvolveSchema>,
+    ) -> Result<Committed, CoordinatorError> {
         let flow = self.flow_name().to_string();
         let batch = work.batch;
         // A merge's output replaces files of the version its task read: it may land only on that version.
@@ -525,7 +693,7 @@ impl FlowContext {
         let queue = TaskQueue { kv: self.kv.as_ref(), keys: &self.keys };
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         queue.publish(&work.tasks).await?;
-        let results = self.await_tasks(&queue, work.tasks, batch).await;
+        let results = self.await_evolving(&queue, &mut work, batch, evolver).await;
         queue.clear_batch(&self.pipeline, &flow, batch).await?;
         let results = results?;
 
@@ -670,17 +838,55 @@ impl FlowContext {
         }
     }
 
-    /// Waits for every task's outcome; retries retryable failures up to
+    /// Waits for every task's result, running again with an evolved schema the
+    /// tasks that found new columns.
+    async fn await_evolving(
+        &self,
+        queue: &TaskQueue<'_>,
+        work: &mut BatchWork,
+        batch: u64,
+        mut evolver: Option<&mut dyn EvolveSchema>,
+    ) -> Result<Vec<TaskResult>, CoordinatorError> {
+        let mut done: BTreeMap<u32, TaskResult> = BTreeMap::new();
+        loop {
+            let evolving = self.await_tasks(queue, &mut work.tasks, batch, &mut done).await?;
+            if evolving.is_empty() {
+                return Ok(done.into_values().collect());
+            }
+            let found: Vec<NewColumns> = evolving.iter().map(|(_, found)| found.clone()).collect();
+            let Some(evolver) = evolver.as_deref_mut() else {
+                return Err(CoordinatorError::BatchFailed {
+                    flow: self.flow_name().to_string(),
+                    batch,
+                    message: format!("{}: new columns {}", found[0].file, found[0].columns.join(", ")),
+                    retryable: false,
+                });
+            };
+            let evolved = evolver.evolve(&found).await?;
+            work.delta_schema = evolved.delta_schema;
+            for (index, _) in evolving {
+                let task = &mut work.tasks[index as usize];
+                task.source_schema = evolved.source_schema.clone();
+                task.table_schema = evolved.table_schema.clone();
+                queue.retry(task).await?;
+                task.attempt += 1;
+            }
+        }
+    }
+
+    /// Waits until every task not in `done` has a result (added to `done`) or
+    /// stopped at new columns (returned); retries retryable failures up to
     /// [`MAX_TASK_ATTEMPTS`]; fails on the first failure that is not retryable.
     async fn await_tasks(
         &self,
         queue: &TaskQueue<'_>,
-        mut tasks: Vec<TaskSpec>,
+        tasks: &mut [TaskSpec],
         batch: u64,
-    ) -> Result<Vec<TaskResult>, CoordinatorError> {
+        done: &mut BTreeMap<u32, TaskResult>,
+    ) -> Result<Vec<(u32, NewColumns)>, CoordinatorError> {
         let flow = self.flow_name().to_string();
-        let mut done: BTreeMap<u32, TaskResult> = BTreeMap::new();
-        while done.len() < tasks.len() {
+        let mut evolving: BTreeMap<u32, NewColumns> = BTreeMap::new();
+        while done.len() + evolving.len() < tasks.len() {
             let (revision, outcomes) = match queue.outcomes(&self.pipeline, &flow, batch).await {
                 Ok(listing) => listing,
                 Err(QueueError::Kv(error)) if error.is_retryable() => {
@@ -694,10 +900,14 @@ impl FlowContext {
             };
             for (index, outcome) in outcomes {
                 let Some(task) = tasks.get_mut(index as usize) else { continue };
-                if done.contains_key(&index) {
+                if done.contains_key(&index) || evolving.contains_key(&index) {
                     continue;
                 }
                 match outcome {
+                    TaskOutcome::Failed(TaskFailure { new_columns: Some(found), .. }) => {
+                        info!(flow, batch, task = index, file = %found.file, columns = ?found.columns, "task found new columns");
+                        evolving.insert(index, found);
+                    }
                     TaskOutcome::Done(result) => {
                         self.progress.send(ProgressEvent::TaskFinished {
                             flow: flow.clone(),
@@ -724,7 +934,7 @@ impl FlowContext {
                     }
                 }
             }
-            if done.len() < tasks.len() {
+            if done.len() + evolving.len() < tasks.len() {
                 let waited =
                     queue.wait_for_outcomes(&self.pipeline, &flow, batch, revision, self.timings.poll_interval()).await;
                 if waited.is_err() {
@@ -732,7 +942,7 @@ impl FlowContext {
                 }
             }
         }
-        Ok(done.into_values().collect())
+        Ok(evolving.into_iter().collect())
     }
 }
 

@@ -50,6 +50,20 @@ pub enum ProgressEvent {
     FlowCaughtUp {
         flow: String,
     },
+    /// The schema a files source decodes into, when it is first settled and
+    /// each time it gains columns.
+    SchemaVersion {
+        flow: String,
+        version: u64,
+        /// `inferred`, `declared` or `evolved`.
+        origin: String,
+        /// Columns added by this version.
+        added: Vec<String>,
+        /// The file where they were first seen.
+        file: Option<String>,
+        /// The whole schema, as DDL.
+        schema: String,
+    },
     /// Interval trigger: a round of the flow failed with an error that may pass;
     /// the next round tries again from the durable state.
     RoundFailed {
@@ -109,6 +123,12 @@ pub struct FlowSummary {
     /// Bad input quarantined and expectation counts of this run, when there were any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<Quality>,
+    /// For a files source: the schema version in use at the end of the run,
+    /// and the columns this run's evolutions added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_added: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

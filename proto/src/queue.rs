@@ -186,6 +186,7 @@ mod tests {
             merge: None,
             watermark: None,
             on_malformed: Default::default(),
+            schema_evolution: Default::default(),
             expectations: vec![],
             quarantine_url: "file:///t_quarantine/".into(),
         }
@@ -213,7 +214,12 @@ mod tests {
         let done = TaskOutcome::Done(TaskResult { worker: "a".into(), ..Default::default() });
         assert!(!queue.publish_outcome(&first_claim, &first.id, &done).await.unwrap());
         assert!(queue.publish_outcome(&retaken_claim, &first.id, &done).await.unwrap());
-        let failed = TaskOutcome::Failed(TaskFailure { message: "x".into(), retryable: true, worker: "b".into() });
+        let failed = TaskOutcome::Failed(TaskFailure {
+            message: "x".into(),
+            retryable: true,
+            worker: "b".into(),
+            new_columns: None,
+        });
         assert!(queue.publish_outcome(&second_claim, &second.id, &failed).await.unwrap());
         let (_, outcomes) = queue.outcomes("p", "f", 1).await.unwrap();
         assert_eq!(outcomes.len(), 2);

@@ -22,6 +22,52 @@ pub const SUPPORTED_TYPES: &str = "STRING, BIGINT (LONG), INT (INTEGER), SMALLIN
      DOUBLE, FLOAT (REAL), BOOLEAN, DATE, TIMESTAMP, TIMESTAMP_NTZ, BINARY, DECIMAL(p,s), \
      ARRAY<type>, STRUCT<name type, ...>, MAP<key, value>";
 
+/// A schema written back in the DDL this module parses (`a BIGINT, b STRING`),
+/// for status output. Types without a DDL name are written as Arrow names them.
+pub fn to_ddl(schema: &Schema) -> String {
+    fields_ddl(schema.fields())
+}
+
+fn fields_ddl(fields: &Fields) -> String {
+    let field = |f: &Arc<Field>| {
+        let name = if f.name().chars().all(|c| c.is_alphanumeric() || c == '_') && !f.name().is_empty() {
+            f.name().clone()
+        } else {
+            format!("`{}`", f.name().replace('`', "``"))
+        };
+        let required = if f.is_nullable() { "" } else { " NOT NULL" };
+        format!("{name} {}{required}", type_ddl(f.data_type()))
+    };
+    fields.iter().map(field).collect::<Vec<_>>().join(", ")
+}
+
+fn type_ddl(data_type: &DataType) -> String {
+    match data_type {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "STRING".to_string(),
+        DataType::Int64 => "BIGINT".to_string(),
+        DataType::Int32 => "INT".to_string(),
+        DataType::Int16 => "SMALLINT".to_string(),
+        DataType::Int8 => "TINYINT".to_string(),
+        DataType::Float64 => "DOUBLE".to_string(),
+        DataType::Float32 => "FLOAT".to_string(),
+        DataType::Boolean => "BOOLEAN".to_string(),
+        DataType::Date32 => "DATE".to_string(),
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMP".to_string(),
+        DataType::Timestamp(_, None) => "TIMESTAMP_NTZ".to_string(),
+        DataType::Binary | DataType::LargeBinary => "BINARY".to_string(),
+        DataType::Decimal128(p, s) => format!("DECIMAL({p},{s})"),
+        DataType::List(f) | DataType::LargeList(f) => format!("ARRAY<{}>", type_ddl(f.data_type())),
+        DataType::Struct(fields) => format!("STRUCT<{}>", fields_ddl(fields)),
+        DataType::Map(entries, _) => match entries.data_type() {
+            DataType::Struct(kv) if kv.len() == 2 => {
+                format!("MAP<{}, {}>", type_ddl(kv[0].data_type()), type_ddl(kv[1].data_type()))
+            }
+            other => other.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
 /// Parses a whole schema: a comma-separated list of fields.
 pub fn parse_schema(ddl: &str) -> Result<Schema, DdlError> {
     let mut parser = Parser::new(ddl);
@@ -257,6 +303,18 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_schemas_parse_back() {
+        let ddl = "a BIGINT, `b c` STRING NOT NULL, d ARRAY<STRUCT<e DOUBLE, f MAP<STRING, INT>>>, g DECIMAL(10,2), h TIMESTAMP";
+        let schema = parse_schema(ddl).unwrap();
+        assert_eq!(parse_schema(&to_ddl(&schema)).unwrap(), schema);
+        assert!(
+            to_ddl(&schema).starts_with("a BIGINT, `b c` STRING NOT NULL, d ARRAY<STRUCT<e DOUBLE"),
+            "{}",
+            to_ddl(&schema)
+        );
+    }
 
     #[test]
     fn parses_the_retail_invoice_schema() {

@@ -142,6 +142,21 @@ pub struct RawFilesSource {
     pub csv: Option<CsvOptions>,
     #[serde(default)]
     pub on_malformed: OnMalformed,
+    #[serde(default)]
+    pub schema_hints: Option<String>,
+    #[serde(default)]
+    pub schema_evolution: Option<SchemaEvolution>,
+    #[serde(default)]
+    pub schema_sample: Option<RawSchemaSample>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchemaSample {
+    #[serde(default)]
+    pub max_files: Option<u64>,
+    #[serde(default)]
+    pub max_bytes: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +254,56 @@ impl OnViolation {
             OnViolation::Quarantine => "quarantine",
             OnViolation::Fail => "fail",
         }
+    }
+}
+
+/// What a files source does with columns its schema does not have, and with
+/// values that do not fit their column's type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaEvolution {
+    /// A new column is added to the schema and to the sink table, in the commit
+    /// of the batch that brought it (the default with `schema: infer`).
+    AddNewColumns,
+    /// The schema never changes; unknown fields and values that do not fit go
+    /// into the `_rescued_data` column as a JSON object.
+    Rescue,
+    /// A new column fails the batch, naming the column and the file.
+    FailOnNewColumns,
+    /// New columns are ignored (the default with a declared schema).
+    #[default]
+    None,
+}
+
+impl SchemaEvolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaEvolution::AddNewColumns => "add_new_columns",
+            SchemaEvolution::Rescue => "rescue",
+            SchemaEvolution::FailOnNewColumns => "fail_on_new_columns",
+            SchemaEvolution::None => "none",
+        }
+    }
+
+    /// Whether files are decoded strictly, so that a field the schema lacks is noticed.
+    pub fn notices_new_columns(self) -> bool {
+        self != SchemaEvolution::None
+    }
+}
+
+/// The column that holds, in `rescue` mode, what did not fit the schema.
+pub const RESCUED_DATA: &str = "_rescued_data";
+
+/// How much of the first batch's files `schema: infer` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaSample {
+    pub max_files: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for SchemaSample {
+    fn default() -> Self {
+        Self { max_files: 1000, max_bytes: 64 << 20 }
     }
 }
 
@@ -347,6 +412,10 @@ pub struct FilesSource {
     pub allow_overwrites: bool,
     pub csv: CsvOptions,
     pub on_malformed: OnMalformed,
+    /// Types that override (or add to) the inferred schema.
+    pub schema_hints: Option<Arc<Schema>>,
+    pub schema_evolution: SchemaEvolution,
+    pub schema_sample: SchemaSample,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -770,6 +839,43 @@ impl FilesSource {
         if raw.csv.is_some() && raw.format != Format::Csv {
             return Err(SpecError::invalid(format!("{field}.csv"), "csv options need `format: csv`"));
         }
+        let schema_hints = match (&raw.schema_hints, &schema) {
+            (None, _) => None,
+            (Some(_), SchemaSpec::Declared(_)) => {
+                return Err(SpecError::invalid(
+                    format!("{field}.schema_hints"),
+                    "hints apply to an inferred schema (`schema: infer`); with a declared schema, write the types in `schema`",
+                ));
+            }
+            (Some(ddl), SchemaSpec::Infer) => Some(Arc::new(
+                schema_ddl::parse_schema(ddl)
+                    .map_err(|e| SpecError::invalid(format!("{field}.schema_hints"), e.to_string()))?,
+            )),
+        };
+        let schema_evolution = raw.schema_evolution.unwrap_or(match schema {
+            SchemaSpec::Infer => SchemaEvolution::AddNewColumns,
+            SchemaSpec::Declared(_) => SchemaEvolution::None,
+        });
+        if let SchemaSpec::Declared(declared) = &schema
+            && declared.field_with_name(RESCUED_DATA).is_ok()
+        {
+            return Err(SpecError::invalid(
+                format!("{field}.schema"),
+                format!("`{RESCUED_DATA}` is added by `schema_evolution: rescue`; do not declare it"),
+            ));
+        }
+        let mut schema_sample = SchemaSample::default();
+        if let Some(sample) = &raw.schema_sample {
+            if let Some(files) = sample.max_files {
+                if files == 0 {
+                    return Err(SpecError::invalid(format!("{field}.schema_sample.max_files"), "must be at least 1"));
+                }
+                schema_sample.max_files = files;
+            }
+            if let Some(bytes) = &sample.max_bytes {
+                schema_sample.max_bytes = parse_byte_size(&format!("{field}.schema_sample.max_bytes"), bytes)?;
+            }
+        }
         Ok(Self {
             location,
             format: raw.format,
@@ -780,6 +886,9 @@ impl FilesSource {
             allow_overwrites: raw.allow_overwrites,
             csv: raw.csv.unwrap_or_default(),
             on_malformed: raw.on_malformed,
+            schema_hints,
+            schema_evolution,
+            schema_sample,
         })
     }
 }

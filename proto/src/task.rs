@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::spec::{CsvOptions, Expectation, Format, MergeSpec, OnMalformed};
+use crate::spec::{CsvOptions, Expectation, Format, MergeSpec, OnMalformed, SchemaEvolution};
 
 /// One source file as discovered: its identity is path + size + modification time (+ etag).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -69,6 +69,9 @@ pub struct TaskSpec {
     /// What a record that cannot be decoded does.
     #[serde(default)]
     pub on_malformed: OnMalformed,
+    /// What a field the schema lacks, or a value that does not fit, does.
+    #[serde(default)]
+    pub schema_evolution: SchemaEvolution,
     /// Checks on the output rows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expectations: Vec<Expectation>,
@@ -233,6 +236,24 @@ pub struct TaskFailure {
     /// false for bad input, which fails the same way every time.
     pub retryable: bool,
     pub worker: String,
+    /// Set when the task stopped at columns its schema lacks, which the flow
+    /// adds (`schema_evolution: add_new_columns`): the coordinator evolves the
+    /// schema and hands the task out again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_columns: Option<NewColumns>,
+}
+
+/// Columns found in a file that the task's schema does not have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewColumns {
+    pub file: String,
+    /// The line where the first was seen (JSON lines), when known.
+    pub line: Option<u64>,
+    /// Their names (`parent.child` for a field of a struct).
+    pub columns: Vec<String>,
+    /// The schema inferred from the task's files from this one on: the new
+    /// columns' types come from it.
+    pub observed: Schema,
 }
 
 /// What a worker registers under its lease (`workers/<id>`).

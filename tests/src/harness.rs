@@ -184,6 +184,15 @@ pub fn query_string(table: &Path, sql: &str) -> String {
     if column.is_null(0) { String::new() } else { column.value(0).to_string() }
 }
 
+/// Writes `batch` as a Parquet file at `path`, creating its folder.
+pub fn write_parquet(path: &Path, batch: &RecordBatch) {
+    std::fs::create_dir_all(path.parent().expect("a parent")).expect("folders");
+    let file = std::fs::File::create(path).expect("create");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("a writer");
+    writer.write(batch).expect("write");
+    writer.close().expect("close");
+}
+
 /// Query results as text, for comparisons and failure messages.
 pub fn query_text(table: &Path, sql: &str) -> String {
     pretty_format_batches(&query(table, sql)).expect("printable batches").to_string()

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use sluice_tests::harness::{Sandbox, commit_infos, log_entries, query_i64, query_string, query_text, table_version};
+use sluice_tests::harness::{
+    self, Sandbox, commit_infos, log_entries, query_i64, query_string, query_text, table_version,
+};
 use sluice_tests::invoices::{INVOICE_SCHEMA, invoice, write_invoice_file};
 
 const PIPELINE: &str = r#"
@@ -216,15 +218,11 @@ fn write_parquet(path: &std::path::Path, ids: &[i64]) {
     ]));
     let labels: Vec<String> = ids.iter().map(|i| format!("label-{i}")).collect();
     let batch = RecordBatch::try_new(
-        schema.clone(),
+        schema,
         vec![Arc::new(Int64Array::from(ids.to_vec())), Arc::new(StringArray::from(labels))],
     )
     .expect("a batch");
-    std::fs::create_dir_all(path.parent().expect("a parent")).expect("folders");
-    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).expect("create"), schema, None)
-        .expect("a writer");
-    writer.write(&batch).expect("write");
-    writer.close().expect("close");
+    harness::write_parquet(path, &batch);
 }
 
 #[test]

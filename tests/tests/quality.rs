@@ -213,3 +213,41 @@ fn a_batch_run_again_after_a_crash_adds_nothing_twice_to_the_table_or_the_quaran
     assert_eq!(txn_versions(&quarantine), vec![1]);
     assert_eq!(sandbox.run_ok()["batches"].as_u64(), Some(0));
 }
+
+#[test]
+fn a_file_deleted_between_discovery_and_reading_is_a_file_entry_in_quarantine() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let sandbox = Sandbox::new();
+    sandbox.write("in/a.json", (1..=3).map(|i| good(i) + "\n").collect::<String>());
+    sandbox.write("in/b.json", (4..=6).map(|i| good(i) + "\n").collect::<String>());
+    sandbox.pipeline(JSON_PIPELINE);
+    // One slot: one task reads a.json, then b.json. It pauses after a.json's first rows.
+    let mut child = sandbox
+        .command(&["run", "pipeline.yaml", "--json", "--slots", "1"])
+        .env("SLUICE_FAILPOINTS", "during_read=2s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice starts");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = Vec::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        let reached = line.contains("failpoint during_read reached");
+        seen.push(line);
+        if reached {
+            std::fs::remove_file(sandbox.path("in/b.json")).expect("delete b.json");
+            break;
+        }
+    }
+    let output = child.wait_with_output().expect("sluice ends");
+    assert_eq!(output.status.code(), Some(0), "{}", seen.join("\n"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("summary");
+    assert_eq!(summary["flows"][0]["quality"]["unreadable_files"].as_u64(), Some(1), "{summary}");
+    assert_eq!(query_i64(&sandbox.path("lake/events"), "SELECT COUNT(*) FROM t"), 3);
+    let entry =
+        query_string(&sandbox.path("lake/events_quarantine"), "SELECT concat_ws('|', kind, file_path, error) FROM t");
+    assert!(entry.starts_with("file|") && entry.contains("b.json|") && entry.contains("disappeared"), "{entry}");
+}

@@ -39,6 +39,9 @@ pub enum WorkerError {
     /// An expectation set to `fail` failed.
     #[error("{0}")]
     Expectation(String),
+    /// The files hold columns the schema lacks, which the flow adds.
+    #[error("{}: new column(s) {}; the schema evolves and the task runs again", .0.file, .0.columns.join(", "))]
+    NewColumns(Box<sluice_proto::task::NewColumns>),
 }
 
 impl WorkerError {
@@ -51,6 +54,7 @@ impl WorkerError {
             | WorkerError::Location(_)
             | WorkerError::Schema(_)
             | WorkerError::Expectation(_)
+            | WorkerError::NewColumns(_)
             | WorkerError::Bug(_) => false,
         }
     }

@@ -23,11 +23,12 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream};
-use sluice_proto::spec::{CsvOptions, Format};
+use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution};
 use sluice_proto::task::SourceFile;
 
 use crate::conform::conform_batch;
 use crate::error::ReadError;
+use crate::rescue;
 use crate::storage::{parse_url, store_for};
 use crate::text::{BadRecord, TextError, TextFormat, TextReader};
 
@@ -56,10 +57,30 @@ fn read_ahead(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> BoxStream<'
 /// Reads one file batch by batch.
 pub struct FileDecoder {
     file: SourceFile,
+    /// The schema batches come out in.
     schema: SchemaRef,
     kind: DecoderKind,
     /// Rows handed out so far (for the message of a file that fails part way).
     rows: u64,
+    /// Columns of the file that the schema lacks, rescued into `_rescued_data`.
+    rescued: Vec<String>,
+}
+
+/// Why a file's rows cannot be read into the schema.
+#[derive(Debug)]
+pub enum FileError {
+    Read(ReadError),
+    /// The file has columns the schema lacks, in a mode that stops for them.
+    NewColumns {
+        columns: Vec<String>,
+        line: Option<u64>,
+    },
+}
+
+impl From<ReadError> for FileError {
+    fn from(error: ReadError) -> Self {
+        FileError::Read(error)
+    }
 }
 
 // One value per file being read: boxing the large variant would buy nothing.
@@ -89,49 +110,83 @@ fn storage_error(file: &SourceFile, error: object_store::Error) -> ReadError {
 }
 
 impl FileDecoder {
-    /// Opens `file` for decoding into `schema` (the source schema, without `_metadata`).
+    /// Opens `file` for decoding into `schema` (the source schema, without
+    /// `_metadata`; in `rescue` mode with `_rescued_data`). CSV columns are
+    /// matched to the schema by the header's names.
     pub async fn open(
         file: &SourceFile,
         format: Format,
         csv: &CsvOptions,
         schema: SchemaRef,
-    ) -> Result<Self, ReadError> {
+        evolution: SchemaEvolution,
+    ) -> Result<Self, FileError> {
         let (store, path) = locate(file)?;
+        let mut rescued = Vec::new();
+        // The columns of the file the schema lacks: what the mode does with them.
+        let mut found_columns = |extra: Vec<String>, line: Option<u64>| -> Result<(), FileError> {
+            match evolution {
+                _ if extra.is_empty() => Ok(()),
+                SchemaEvolution::None => Ok(()),
+                SchemaEvolution::Rescue => {
+                    rescued = extra;
+                    Ok(())
+                }
+                SchemaEvolution::AddNewColumns | SchemaEvolution::FailOnNewColumns => {
+                    Err(FileError::NewColumns { columns: extra, line })
+                }
+            }
+        };
         let kind = match format {
             Format::Json | Format::Csv => {
+                let mut file_schema = schema.clone();
+                if format == Format::Csv {
+                    let header = if csv.header { csv_header(&store, &path, file, csv).await? } else { Vec::new() };
+                    let (layout, extra) = csv_layout(&header, &schema);
+                    found_columns(extra, Some(1))?;
+                    file_schema = Arc::new(layout);
+                }
                 let bytes = read_ahead(store.clone(), path, file.size);
-                let text = TextFormat { format, schema: schema.clone(), csv: csv.clone() };
+                let text =
+                    TextFormat { format, schema: file_schema, csv: csv.clone(), evolution, file: file.url.clone() };
                 DecoderKind::Text(
                     TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?,
                 )
             }
             Format::Parquet => {
                 let reader = ParquetObjectReader::new(store.clone(), path).with_file_size(file.size);
-                let stream = ParquetRecordBatchStreamBuilder::new(reader)
-                    .await
-                    .map_err(|e| parquet_error(file, e))?
-                    .with_batch_size(BATCH_ROWS)
-                    .build()
-                    .map_err(|e| parquet_error(file, e))?;
+                let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| parquet_error(file, e))?;
+                let extra: Vec<String> = builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .filter(|f| f.name() == RESCUED_DATA || schema.field_with_name(f.name()).is_err())
+                    .map(|f| f.name().clone())
+                    .collect();
+                found_columns(extra, None)?;
+                let stream = builder.with_batch_size(BATCH_ROWS).build().map_err(|e| parquet_error(file, e))?;
                 DecoderKind::Parquet(stream)
             }
         };
-        Ok(Self { file: file.clone(), schema, kind, rows: 0 })
+        Ok(Self { file: file.clone(), schema, kind, rows: 0, rescued })
+    }
+
+    /// A batch of the file's columns in the decoder's schema.
+    fn shape(&self, batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
+        let batch =
+            if self.rescued.is_empty() { batch } else { rescue::extra_columns(&batch, &self.rescued, &self.file.url)? };
+        conform_batch(&batch, &self.schema)
     }
 
     /// The next batch of the file's good rows, or `None` at its end. Records
     /// that cannot be decoded wait in [`Self::take_bad`]. An error means the
     /// rest of the file cannot be read.
-    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ReadError> {
+    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, FileError> {
         let batch = match &mut self.kind {
             DecoderKind::Parquet(stream) => match stream.try_next().await {
-                Ok(Some(batch)) => Some(conform_batch(&batch, &self.schema).map_err(|e| {
-                    read_error(&self.file, None, self.after_rows(format!("values do not fit the schema: {e}")), false)
-                })?),
-                Ok(None) => None,
+                Ok(batch) => batch,
                 Err(e) => {
                     let message = self.after_rows(format!("not a readable Parquet file: {e}"));
-                    return Err(read_error(&self.file, None, message, false));
+                    return Err(read_error(&self.file, None, message, false).into());
                 }
             },
             DecoderKind::Text(reader) => match reader.next_batch().await {
@@ -139,11 +194,17 @@ impl FileDecoder {
                 Err(TextError::Storage(e)) => {
                     let mut error = storage_error(&self.file, e);
                     error.message = self.after_rows(error.message);
-                    return Err(error);
+                    return Err(error.into());
                 }
-                Err(TextError::Setup(e)) => return Err(read_error(&self.file, None, e.to_string(), false)),
+                Err(TextError::Setup(e)) => return Err(read_error(&self.file, None, e.to_string(), false).into()),
+                Err(TextError::NewColumn { line, column }) => {
+                    return Err(FileError::NewColumns { columns: vec![column], line: Some(line) });
+                }
             },
         };
+        let batch = batch.map(|batch| self.shape(batch)).transpose().map_err(|e| {
+            read_error(&self.file, None, self.after_rows(format!("values do not fit the schema: {e}")), false)
+        })?;
         self.rows += batch.as_ref().map_or(0, |b| b.num_rows() as u64);
         Ok(batch)
     }
@@ -163,6 +224,55 @@ impl FileDecoder {
             rows => format!("{message} (after its first {rows} rows, which were read)"),
         }
     }
+}
+
+/// The column names of a CSV file's header line.
+async fn csv_header(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+    file: &SourceFile,
+    csv: &CsvOptions,
+) -> Result<Vec<String>, ReadError> {
+    const MAX_HEADER: u64 = 1 << 20;
+    if file.size == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = store.get_range(path, 0..file.size.min(MAX_HEADER)).await.map_err(|e| storage_error(file, e))?;
+    let end = memchr::memchr(b'\n', &bytes).map_or(bytes.len(), |at| at + 1);
+    let schema = infer_csv(Cursor::new(bytes.slice(..end)), csv, Some(0))
+        .map_err(|e| read_error(file, Some(1), format!("cannot read the CSV header: {e}"), false))?;
+    Ok(schema.fields().iter().map(|f| f.name().clone()).collect())
+}
+
+/// The schema a CSV file with `header` is decoded into: the schema's field for
+/// each named column, STRING for the others (returned too). A header that names
+/// none of the schema's columns but has as many is taken by position.
+fn csv_layout(header: &[String], schema: &Schema) -> (Schema, Vec<String>) {
+    let columns: Vec<&Field> =
+        schema.fields().iter().filter(|f| f.name() != RESCUED_DATA).map(|f| f.as_ref()).collect();
+    let find = |name: &str| {
+        columns
+            .iter()
+            .find(|f| f.name() == name)
+            .or_else(|| columns.iter().find(|f| f.name().eq_ignore_ascii_case(name)))
+            .copied()
+    };
+    let by_position = header.is_empty() || (header.len() == columns.len() && header.iter().all(|h| find(h).is_none()));
+    if by_position {
+        return (Schema::new(columns.into_iter().cloned().collect::<Vec<_>>()), Vec::new());
+    }
+    let mut extra = Vec::new();
+    let fields: Vec<Field> = header
+        .iter()
+        .map(|name| match find(name) {
+            Some(field) => field.clone(),
+            None => {
+                extra.push(name.clone());
+                Field::new(name, DataType::Utf8, true)
+            }
+        })
+        .collect();
+    (Schema::new(fields), extra)
 }
 
 fn parquet_error(file: &SourceFile, error: parquet::errors::ParquetError) -> ReadError {
@@ -228,15 +338,74 @@ async fn infer_file(file: &SourceFile, format: Format, csv: &CsvOptions, budget:
             let end = if take < file.size { bytes.iter().rposition(|b| *b == b'\n').unwrap_or(0) } else { bytes.len() };
             let sample = Cursor::new(bytes.slice(..end));
             if format == Format::Json {
-                Ok(arrow::json::reader::infer_json_schema(sample, None).map_err(decode_error)?.0)
+                infer_json(sample).map_err(decode_error)
             } else {
-                infer_csv(sample, csv).map_err(decode_error)
+                infer_csv(sample, csv, None).map_err(decode_error)
             }
         }
     }
 }
 
-fn infer_csv(sample: impl BufRead, csv: &CsvOptions) -> Result<Schema, ArrowError> {
+/// Infers a schema from JSON lines. Lines that are not JSON objects are left
+/// out (they will be quarantined); columns come in the order they first appear.
+fn infer_json(sample: impl BufRead) -> Result<Schema, ArrowError> {
+    let mut order = KeyOrder::default();
+    let objects = sample.split(b'\n').map_while(Result::ok).filter_map(|line| {
+        match serde_json::from_slice::<serde_json::Value>(&line) {
+            Ok(value @ serde_json::Value::Object(_)) => {
+                let _ = order.read(&line);
+                Some(Ok(value))
+            }
+            _ => None,
+        }
+    });
+    let inferred = arrow::json::reader::infer_json_schema_from_iterator(objects)?;
+    let mut fields: Vec<Field> = inferred.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.sort_by_key(|f| order.position(f.name()));
+    Ok(Schema::new(fields))
+}
+
+/// The top-level keys of JSON objects in the order they were first seen
+/// (serde_json's own map sorts them).
+#[derive(Default)]
+struct KeyOrder {
+    keys: Vec<String>,
+    known: std::collections::HashSet<String>,
+}
+
+impl KeyOrder {
+    fn read(&mut self, line: &[u8]) -> Result<(), serde_json::Error> {
+        use serde::de::Deserializer;
+        let mut deserializer = serde_json::Deserializer::from_slice(line);
+        deserializer.deserialize_map(KeyVisitor(self))
+    }
+
+    fn position(&self, name: &str) -> usize {
+        self.keys.iter().position(|k| k == name).unwrap_or(usize::MAX)
+    }
+}
+
+struct KeyVisitor<'a>(&'a mut KeyOrder);
+
+impl<'de> serde::de::Visitor<'de> for KeyVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<serde::de::IgnoredAny>()?;
+            if self.0.known.insert(key.clone()) {
+                self.0.keys.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn infer_csv(sample: impl BufRead, csv: &CsvOptions, max_records: Option<usize>) -> Result<Schema, ArrowError> {
     let mut format = arrow::csv::reader::Format::default()
         .with_header(csv.header)
         .with_delimiter(csv.delimiter as u8)
@@ -244,7 +413,7 @@ fn infer_csv(sample: impl BufRead, csv: &CsvOptions) -> Result<Schema, ArrowErro
     if let Some(escape) = csv.escape {
         format = format.with_escape(escape as u8);
     }
-    Ok(format.infer_schema(sample, None)?.0)
+    Ok(format.infer_schema(sample, max_records)?.0)
 }
 
 /// Merges two inferred schemas: fields of both, in order of first appearance; a
@@ -269,6 +438,48 @@ pub fn merge_schemas(a: &Schema, b: &Schema) -> Schema {
     Schema::new(fields)
 }
 
+/// `current` with the fields of `observed` it lacks (inside structs too), and
+/// their names (`parent.child` inside a struct). Existing fields keep their
+/// types: a value that does not fit its column's type is bad data, not a new
+/// column.
+pub fn with_new_fields(current: &Schema, observed: &Schema) -> (Schema, Vec<String>) {
+    let mut added = Vec::new();
+    let fields = add_fields(current.fields(), observed.fields(), "", &mut added);
+    (Schema::new_with_metadata(fields, current.metadata().clone()), added)
+}
+
+fn add_fields(current: &Fields, observed: &Fields, prefix: &str, added: &mut Vec<String>) -> Vec<Field> {
+    let mut fields: Vec<Field> = current
+        .iter()
+        .map(|field| match (field.data_type(), observed.find(field.name()).map(|(_, f)| f.data_type())) {
+            (DataType::Struct(children), Some(DataType::Struct(seen))) => {
+                let path = format!("{prefix}{}.", field.name());
+                let children = add_fields(children, seen, &path, added);
+                field.as_ref().clone().with_data_type(DataType::Struct(Fields::from(children)))
+            }
+            _ => field.as_ref().clone(),
+        })
+        .collect();
+    for field in observed.iter().filter(|f| current.find(f.name()).is_none()) {
+        added.push(format!("{prefix}{}", field.name()));
+        fields.push(without_null_type(field));
+    }
+    fields
+}
+
+/// `schema` with the types of `hints`: a hinted column replaces the inferred
+/// one's type, a hinted column not inferred is added.
+pub fn with_hints(schema: &Schema, hints: &Schema) -> Schema {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for hint in hints.fields() {
+        match fields.iter_mut().find(|f| f.name().eq_ignore_ascii_case(hint.name())) {
+            Some(field) => *field = hint.as_ref().clone().with_name(field.name()),
+            None => fields.push(hint.as_ref().clone()),
+        }
+    }
+    Schema::new(fields)
+}
+
 /// Replaces the NULL type (a field only ever seen as null) by STRING, which Delta can store.
 fn without_null_type(field: &Field) -> Field {
     let data_type = match field.data_type() {
@@ -285,6 +496,41 @@ fn without_null_type(field: &Field) -> Field {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_fields_are_added_inside_structs_and_types_kept() {
+        let point = |fields: Vec<Field>| DataType::Struct(Fields::from(fields));
+        let current = Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("p", point(vec![Field::new("x", DataType::Int64, true)]), true),
+        ]);
+        let observed = Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new(
+                "p",
+                point(vec![Field::new("x", DataType::Int64, true), Field::new("y", DataType::Null, true)]),
+                true,
+            ),
+            Field::new("z", DataType::Boolean, true),
+        ]);
+        let (evolved, added) = with_new_fields(&current, &observed);
+        assert_eq!(added, vec!["p.y".to_string(), "z".to_string()]);
+        assert_eq!(evolved.field(0).data_type(), &DataType::Int64);
+        let DataType::Struct(p) = evolved.field(1).data_type() else { panic!() };
+        assert_eq!(p[1].data_type(), &DataType::Utf8);
+        assert_eq!(with_new_fields(&evolved, &observed).1, Vec::<String>::new());
+    }
+
+    #[test]
+    fn hints_replace_types_and_add_columns() {
+        let inferred = Schema::new(vec![Field::new("Total", DataType::Int64, true)]);
+        let hints =
+            Schema::new(vec![Field::new("total", DataType::Float64, true), Field::new("n", DataType::Int32, true)]);
+        let hinted = with_hints(&inferred, &hints);
+        assert_eq!(hinted.field(0).name(), "Total");
+        assert_eq!(hinted.field(0).data_type(), &DataType::Float64);
+        assert_eq!(hinted.field(1).name(), "n");
+    }
 
     #[test]
     fn merging_widens_conflicts() {

@@ -23,6 +23,7 @@ pub mod history;
 pub mod merge;
 pub mod metadata;
 pub mod quarantine;
+pub mod rescue;
 pub mod storage;
 pub mod task_runner;
 pub mod text;

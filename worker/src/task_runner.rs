@@ -14,8 +14,8 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use sluice_proto::spec::OnMalformed;
-use sluice_proto::task::{DeltaRead, MergeCounts, Quality, TaskResult, TaskSpec, WatermarkRead};
+use sluice_proto::spec::{OnMalformed, SchemaEvolution};
+use sluice_proto::task::{DeltaRead, MergeCounts, NewColumns, Quality, TaskResult, TaskSpec, WatermarkRead};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ use crate::delta_source;
 use crate::error::{ReadError, WorkerError};
 use crate::expectations::{Expectations, Outcome};
 use crate::failpoint;
-use crate::formats::FileDecoder;
+use crate::formats::{FileDecoder, FileError, InferLimits, infer_schema};
 use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
 use crate::quarantine::{self, Collector, Entry, Origin, collect};
@@ -44,6 +44,8 @@ enum ReadEnd {
         watermark: Option<i64>,
     },
     Failed(ReadError),
+    /// A file has columns the schema lacks, which the flow adds.
+    NewColumns(NewColumns),
     /// The consumer stopped first (it failed or the task was cancelled).
     Stopped,
 }
@@ -98,6 +100,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     }
     match (read_end, written) {
         (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
+        (ReadEnd::NewColumns(found), _) => Err(WorkerError::NewColumns(Box::new(found))),
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
@@ -214,15 +217,19 @@ async fn read_files(
     let keep_going = task.on_malformed == OnMalformed::Quarantine;
     let mut bytes = 0;
     let mut first_batch = true;
-    for file in &task.files {
-        let mut decoder = match FileDecoder::open(file, task.format, &task.csv, file_schema.clone()).await {
+    for (index, file) in task.files.iter().enumerate() {
+        let opened = FileDecoder::open(file, task.format, &task.csv, file_schema.clone(), task.schema_evolution).await;
+        let mut decoder = match opened {
             Ok(decoder) => decoder,
-            Err(e) if keep_going && !e.retryable => {
+            Err(FileError::Read(e)) if keep_going && !e.retryable => {
                 collect(&quarantined, [Entry::file(&file.url, e.message)]);
                 bytes += file.size;
                 continue;
             }
-            Err(e) => return fail(e).await,
+            Err(FileError::Read(e)) => return fail(e).await,
+            Err(FileError::NewColumns { columns, line }) => {
+                return new_columns(&task, index, columns, line, &sender).await;
+            }
         };
         loop {
             if cancel.is_cancelled() {
@@ -245,12 +252,15 @@ async fn read_files(
             let batch = match next {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
-                Err(e) if keep_going && !e.retryable => {
+                Err(FileError::Read(e)) if keep_going && !e.retryable => {
                     // The rest of the file cannot be read; what was read stays.
                     collect(&quarantined, [Entry::file(&file.url, e.message)]);
                     break;
                 }
-                Err(e) => return fail(e).await,
+                Err(FileError::Read(e)) => return fail(e).await,
+                Err(FileError::NewColumns { columns, line }) => {
+                    return new_columns(&task, index, columns, line, &sender).await;
+                }
             };
             let batch = match append_metadata(batch, &relation_schema, file, task.ingest_time_us) {
                 Ok(batch) => batch,
@@ -275,6 +285,34 @@ async fn read_files(
         bytes += file.size;
     }
     ReadEnd::Done { bytes, files: task.files.len() as u64, watermark: None }
+}
+
+/// Ends reading at columns the schema lacks, found in `task.files[index]`:
+/// an error naming them (`fail_on_new_columns`), or what the coordinator needs
+/// to add them (`add_new_columns`): their types, inferred from this file on.
+async fn new_columns(
+    task: &TaskSpec,
+    index: usize,
+    columns: Vec<String>,
+    line: Option<u64>,
+    sender: &mpsc::Sender<Result<RecordBatch, DataFusionError>>,
+) -> ReadEnd {
+    let file = &task.files[index];
+    if task.schema_evolution != SchemaEvolution::AddNewColumns {
+        let names = columns.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+        let message = format!(
+            "new column {names}, which the schema does not have (schema_evolution: {}); \
+             nothing was committed. Add the column to the schema, or choose add_new_columns, rescue or none",
+            task.schema_evolution.as_str()
+        );
+        return fail_read(sender, ReadError { file: file.url.clone(), line, message, retryable: false }).await;
+    }
+    let observed = match infer_schema(&task.files[index..], task.format, &task.csv, InferLimits::default()).await {
+        Ok(observed) => observed,
+        Err(error) => return fail_read(sender, error).await,
+    };
+    let _ = sender.send(Err(DataFusionError::Execution("the schema evolves".to_string()))).await;
+    ReadEnd::NewColumns(NewColumns { file: file.url.clone(), line, columns, observed })
 }
 
 /// What a task wrote.

@@ -28,9 +28,10 @@ use arrow::error::ArrowError;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use sluice_proto::spec::{CsvOptions, Format};
+use sluice_proto::spec::{CsvOptions, Format, SchemaEvolution};
 
 use crate::formats::BATCH_ROWS;
+use crate::rescue;
 
 /// Lines decoded together after a group of [`BATCH_ROWS`] lines failed.
 const SMALL_GROUP: usize = 64;
@@ -52,8 +53,13 @@ pub struct BadRecord {
 #[derive(Clone)]
 pub struct TextFormat {
     pub format: Format,
+    /// The columns of the file, in its order (for CSV) and of the types wanted;
+    /// in `rescue` mode a JSON schema ends with `_rescued_data`.
     pub schema: SchemaRef,
     pub csv: CsvOptions,
+    pub evolution: SchemaEvolution,
+    /// The file, named in rescued data.
+    pub file: String,
 }
 
 // One per file being read: boxing the large variant would buy nothing.
@@ -100,7 +106,10 @@ impl TextFormat {
                 TextDecoder::Csv(builder.build_decoder())
             }
             _ => TextDecoder::Json(
-                arrow::json::ReaderBuilder::new(self.schema.clone()).with_batch_size(batch_rows).build_decoder()?,
+                arrow::json::ReaderBuilder::new(self.schema.clone())
+                    .with_batch_size(batch_rows)
+                    .with_strict_mode(self.evolution.notices_new_columns())
+                    .build_decoder()?,
             ),
         })
     }
@@ -111,6 +120,17 @@ pub enum TextError {
     Storage(object_store::Error),
     /// The file's decoder cannot even be built (a schema arrow cannot decode into).
     Setup(ArrowError),
+    /// A field the schema lacks, in a mode that stops for it.
+    NewColumn {
+        line: u64,
+        column: String,
+    },
+}
+
+impl From<ArrowError> for TextError {
+    fn from(error: ArrowError) -> Self {
+        TextError::Setup(error)
+    }
 }
 
 /// Reads a JSON lines or CSV file region by region.
@@ -294,7 +314,7 @@ impl TextReader {
             lines.remove(0);
         }
         let good = if self.format.is_json() { json_syntax(lines, &mut self.bad) } else { lines };
-        decode_lines(&self.format, &good, &mut self.ready, &mut self.bad).map_err(TextError::Setup)?;
+        decode_lines(&self.format, &good, &mut self.ready, &mut self.bad)?;
         self.pos = self.region.len();
         self.batch_start = self.pos;
         self.decoder = self.format.decoder(BATCH_ROWS, false).map_err(TextError::Setup)?;
@@ -408,13 +428,15 @@ fn flush_syntax(
     }
 }
 
-/// Decodes `lines` in groups, narrowing down to single lines only where a group fails.
+/// Decodes `lines` in groups, narrowing down to single lines only where a group
+/// fails. A line that fails alone is rescued (`rescue` mode), stops the file
+/// (a new column, in a mode that notices them), or is a bad record.
 fn decode_lines(
     format: &TextFormat,
     lines: &[(u64, Bytes)],
     ready: &mut VecDeque<RecordBatch>,
     bad: &mut Vec<BadRecord>,
-) -> Result<(), ArrowError> {
+) -> Result<(), TextError> {
     for group in lines.chunks(BATCH_ROWS) {
         if let Ok(batch) = decode_group(format, group)? {
             ready.extend(batch);
@@ -430,6 +452,14 @@ fn decode_lines(
                     Ok(batch) => ready.extend(batch),
                     Err(error) => {
                         let (line, raw) = single[0].clone();
+                        if format.evolution == SchemaEvolution::Rescue {
+                            if let Some(batch) = rescue::line(format, &raw)? {
+                                ready.push_back(batch);
+                                continue;
+                            }
+                        } else if let Some(column) = new_column(&error) {
+                            return Err(TextError::NewColumn { line, column });
+                        }
                         bad.push(BadRecord { line, raw, error: describe(format, error) });
                     }
                 }
@@ -439,9 +469,29 @@ fn decode_lines(
     Ok(())
 }
 
+/// The field a strict JSON decoder found that its schema lacks
+/// (`parent.child` inside a struct).
+pub fn new_column(error: &ArrowError) -> Option<String> {
+    let ArrowError::JsonError(message) = error else { return None };
+    let quoted = |text: &str, start: &str, end: &str| -> Option<(usize, String)> {
+        let at = text.find(start)? + start.len();
+        let len = text[at..].find(end)?;
+        Some((at + len + end.len(), text[at..at + len].to_string()))
+    };
+    let mut path = Vec::new();
+    let mut rest = message.as_str();
+    while let Some((after, parent)) = quoted(rest, "whilst decoding field '", "': ") {
+        path.push(parent);
+        rest = &rest[after..];
+    }
+    let (_, column) = quoted(rest, "column '", "' missing from schema")?;
+    path.push(column);
+    Some(path.join("."))
+}
+
 /// Decodes a group of lines with a fresh decoder: the outer error is a decoder
 /// that cannot be built, the inner one the group's decoding error.
-fn decode_group(
+pub(crate) fn decode_group(
     format: &TextFormat,
     lines: &[(u64, Bytes)],
 ) -> Result<Result<Option<RecordBatch>, ArrowError>, ArrowError> {
@@ -517,7 +567,13 @@ mod tests {
             Field::new("name", DataType::Utf8, true),
         ]));
         let chunks: Vec<object_store::Result<Bytes>> = text.chunks(chunk).map(|c| Ok(Bytes::from_static(c))).collect();
-        let format = TextFormat { format, schema, csv: CsvOptions::default() };
+        let format = TextFormat {
+            format,
+            schema,
+            csv: CsvOptions::default(),
+            evolution: SchemaEvolution::None,
+            file: "file:///f".to_string(),
+        };
         TextReader::new(format, futures::stream::iter(chunks).boxed()).unwrap()
     }
 

@@ -161,6 +161,10 @@ async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, claim: &str, task: Tas
                 message: error.to_string(),
                 retryable: error.is_retryable(),
                 worker: worker.to_string(),
+                new_columns: match error {
+                    WorkerError::NewColumns(found) => Some(*found),
+                    _ => None,
+                },
             })
         }
     };

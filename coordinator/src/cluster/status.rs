@@ -74,6 +74,15 @@ pub fn apply(status: &mut PipelineStatus, event: &ProgressEvent) -> bool {
             true
         }
         ProgressEvent::TaskFinished { .. } | ProgressEvent::TaskRetried { .. } => false,
+        ProgressEvent::SchemaVersion { flow: name, version, added, schema, .. } => {
+            if let Some(i) = flow(status, name) {
+                let f = &mut status.flows[i];
+                f.schema_version = *version;
+                f.schema = schema.clone();
+                f.schema_added = added.clone();
+            }
+            true
+        }
         ProgressEvent::BatchCommitted(report) => {
             if let Some(i) = flow(status, &report.flow) {
                 let f = &mut status.flows[i];

@@ -135,6 +135,16 @@ pub struct FlowStatus {
     /// The quarantine table's URL.
     #[prost(string, tag = "18")]
     pub quarantine: ::prost::alloc::string::String,
+    /// The version of the schema a files source decodes into (0: not settled
+    /// yet), and that schema as DDL. Versions are kept in the checkpoint
+    /// location; each evolution adds one.
+    #[prost(uint64, tag = "19")]
+    pub schema_version: u64,
+    #[prost(string, tag = "20")]
+    pub schema: ::prost::alloc::string::String,
+    /// The columns the last evolution added.
+    #[prost(string, repeated, tag = "21")]
+    pub schema_added: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
