@@ -26,7 +26,7 @@ use sluice_proto::task::{
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::expectations::Expectations;
 use sluice_worker::failpoint;
-use sluice_worker::formats::{InferLimits, infer_schema, with_hints, with_new_fields};
+use sluice_worker::formats::{infer_schema, with_hints, with_new_fields};
 use sluice_worker::history;
 use sluice_worker::merge::check_merge_columns;
 use sluice_worker::metadata::with_metadata_field;
@@ -304,11 +304,7 @@ impl FlowRunner {
         let (schema, origin) = match &declared {
             Some(schema) => (schema.clone(), "declared"),
             None => {
-                let sample = InferLimits {
-                    max_files: usize::try_from(source.schema_sample.max_files).unwrap_or(usize::MAX),
-                    max_bytes: source.schema_sample.max_bytes,
-                };
-                let inferred = infer_schema(&plan.files, source.format, &source.csv, sample)
+                let inferred = infer_schema(&plan.files, source.format, &source.csv, source.schema_sample)
                     .await
                     .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
                 if inferred.fields().is_empty() {

@@ -228,6 +228,17 @@ pub fn log_entries(table: &Path) -> Vec<Vec<serde_json::Value>> {
         .collect()
 }
 
+/// The table's current `metaData` action (its schema, configuration, ...): the last in the log.
+pub fn table_metadata(table: &Path) -> serde_json::Value {
+    log_entries(table)
+        .iter()
+        .flatten()
+        .filter_map(|a| a.get("metaData"))
+        .next_back()
+        .cloned()
+        .expect("a metaData action")
+}
+
 /// The `commitInfo` of each commit, in log order.
 pub fn commit_infos(table: &Path) -> Vec<serde_json::Value> {
     log_entries(table).iter().flatten().filter_map(|a| a.get("commitInfo").cloned()).collect()

@@ -322,13 +322,9 @@ fn empty_files_are_counted_and_change_nothing() {
     assert_eq!((summary["files"].as_u64(), summary["rows"].as_u64()), (Some(2), Some(3)), "{summary}");
 }
 
-/// The table configuration written by the first commit.
+/// The table's configuration.
 fn table_configuration(table: &std::path::Path) -> serde_json::Value {
-    log_entries(table)
-        .iter()
-        .flatten()
-        .find_map(|a| a.get("metaData").map(|m| m["configuration"].clone()))
-        .expect("a metaData action")
+    harness::table_metadata(table)["configuration"].clone()
 }
 
 #[test]

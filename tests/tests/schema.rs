@@ -32,14 +32,9 @@ fn json_lines(range: std::ops::Range<i64>, extra: impl Fn(i64) -> String) -> Str
 
 /// The columns of the table's current schema (but `_metadata`), from its Delta log.
 fn table_columns(sandbox: &Sandbox, table: &str) -> Vec<String> {
-    let schema = log_entries(&sandbox.path(table))
-        .iter()
-        .flatten()
-        .filter_map(|a| a.get("metaData"))
-        .next_back()
-        .map(|m| m["schemaString"].as_str().expect("a schema string").to_string())
-        .expect("a metaData action");
-    let schema: serde_json::Value = serde_json::from_str(&schema).expect("a JSON schema");
+    let metadata = harness::table_metadata(&sandbox.path(table));
+    let schema: serde_json::Value =
+        serde_json::from_str(metadata["schemaString"].as_str().expect("a schema string")).expect("a JSON schema");
     let names = schema["fields"].as_array().expect("fields").iter().map(|f| f["name"].as_str().unwrap_or_default());
     names.filter(|name| *name != "_metadata").map(str::to_string).collect()
 }

@@ -10,6 +10,7 @@
 // object-storage work.
 #![allow(deprecated)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, Cursor};
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream};
-use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution};
+use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution, SchemaSample};
 use sluice_proto::task::SourceFile;
 
 use crate::conform::conform_batch;
@@ -121,36 +122,22 @@ impl FileDecoder {
         evolution: SchemaEvolution,
     ) -> Result<Self, FileError> {
         let (store, path) = locate(file)?;
-        let mut rescued = Vec::new();
-        // The columns of the file the schema lacks: what the mode does with them.
-        let mut found_columns = |extra: Vec<String>, line: Option<u64>| -> Result<(), FileError> {
-            match evolution {
-                _ if extra.is_empty() => Ok(()),
-                SchemaEvolution::None => Ok(()),
-                SchemaEvolution::Rescue => {
-                    rescued = extra;
-                    Ok(())
-                }
-                SchemaEvolution::AddNewColumns | SchemaEvolution::FailOnNewColumns => {
-                    Err(FileError::NewColumns { columns: extra, line })
-                }
-            }
-        };
-        let kind = match format {
+        // The file's columns that the schema lacks, and where they were found.
+        let (kind, extra, line) = match format {
             Format::Json | Format::Csv => {
-                let mut file_schema = schema.clone();
-                if format == Format::Csv {
+                // JSON finds new fields while decoding, CSV in its header.
+                let (file_schema, extra) = if format == Format::Csv {
                     let header = if csv.header { csv_header(&store, &path, file, csv).await? } else { Vec::new() };
                     let (layout, extra) = csv_layout(&header, &schema);
-                    found_columns(extra, Some(1))?;
-                    file_schema = Arc::new(layout);
-                }
+                    (Arc::new(layout), extra)
+                } else {
+                    (schema.clone(), Vec::new())
+                };
                 let bytes = read_ahead(store.clone(), path, file.size);
                 let text =
                     TextFormat { format, schema: file_schema, csv: csv.clone(), evolution, file: file.url.clone() };
-                DecoderKind::Text(
-                    TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?,
-                )
+                let reader = TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?;
+                (DecoderKind::Text(reader), extra, Some(1))
             }
             Format::Parquet => {
                 let reader = ParquetObjectReader::new(store.clone(), path).with_file_size(file.size);
@@ -162,9 +149,16 @@ impl FileDecoder {
                     .filter(|f| f.name() == RESCUED_DATA || schema.field_with_name(f.name()).is_err())
                     .map(|f| f.name().clone())
                     .collect();
-                found_columns(extra, None)?;
                 let stream = builder.with_batch_size(BATCH_ROWS).build().map_err(|e| parquet_error(file, e))?;
-                DecoderKind::Parquet(stream)
+                (DecoderKind::Parquet(stream), extra, None)
+            }
+        };
+        let rescued = match evolution {
+            _ if extra.is_empty() => Vec::new(),
+            SchemaEvolution::None => Vec::new(),
+            SchemaEvolution::Rescue => extra,
+            SchemaEvolution::AddNewColumns | SchemaEvolution::FailOnNewColumns => {
+                return Err(FileError::NewColumns { columns: extra, line });
             }
         };
         Ok(Self { file: file.clone(), schema, kind, rows: 0, rescued })
@@ -283,29 +277,16 @@ fn parquet_error(file: &SourceFile, error: parquet::errors::ParquetError) -> Rea
 // Schema inference.
 // ---------------------------------------------------------------------------
 
-/// How much of the first batch's files inference samples.
-#[derive(Debug, Clone, Copy)]
-pub struct InferLimits {
-    pub max_files: usize,
-    pub max_bytes: u64,
-}
-
-impl Default for InferLimits {
-    fn default() -> Self {
-        Self { max_files: 100, max_bytes: 64 << 20 }
-    }
-}
-
 /// Infers one schema for `files` from a bounded sample of them.
 pub async fn infer_schema(
     files: &[SourceFile],
     format: Format,
     csv: &CsvOptions,
-    limits: InferLimits,
+    sample: SchemaSample,
 ) -> Result<Schema, ReadError> {
     let mut merged: Option<Schema> = None;
-    let mut budget = limits.max_bytes;
-    for file in files.iter().take(limits.max_files) {
+    let mut budget = sample.max_bytes;
+    for file in files.iter().take(usize::try_from(sample.max_files).unwrap_or(usize::MAX)) {
         if budget == 0 {
             break;
         }
@@ -350,58 +331,48 @@ async fn infer_file(file: &SourceFile, format: Format, csv: &CsvOptions, budget:
 /// out (they will be quarantined); columns come in the order they first appear.
 fn infer_json(sample: impl BufRead) -> Result<Schema, ArrowError> {
     let mut order = KeyOrder::default();
-    let objects = sample.split(b'\n').map_while(Result::ok).filter_map(|line| {
-        match serde_json::from_slice::<serde_json::Value>(&line) {
-            Ok(value @ serde_json::Value::Object(_)) => {
-                let _ = order.read(&line);
-                Some(Ok(value))
-            }
-            _ => None,
-        }
-    });
+    let objects = sample.split(b'\n').map_while(Result::ok).filter_map(|line| order.read(&line).ok().map(Ok));
     let inferred = arrow::json::reader::infer_json_schema_from_iterator(objects)?;
     let mut fields: Vec<Field> = inferred.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.sort_by_key(|f| order.position(f.name()));
+    fields.sort_by_key(|f| order.first_seen.get(f.name()).copied().unwrap_or(usize::MAX));
     Ok(Schema::new(fields))
 }
 
-/// The top-level keys of JSON objects in the order they were first seen
-/// (serde_json's own map sorts them).
+/// Reads JSON objects while noting the order their top-level keys first
+/// appear in (serde_json's own map sorts them).
 #[derive(Default)]
 struct KeyOrder {
-    keys: Vec<String>,
-    known: std::collections::HashSet<String>,
+    first_seen: HashMap<String, usize>,
 }
 
 impl KeyOrder {
-    fn read(&mut self, line: &[u8]) -> Result<(), serde_json::Error> {
+    /// The line as a JSON object, in one parse; an error if it is anything else.
+    fn read(&mut self, line: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
         use serde::de::Deserializer;
         let mut deserializer = serde_json::Deserializer::from_slice(line);
-        deserializer.deserialize_map(KeyVisitor(self))
-    }
-
-    fn position(&self, name: &str) -> usize {
-        self.keys.iter().position(|k| k == name).unwrap_or(usize::MAX)
+        let object = (&mut deserializer).deserialize_map(KeyVisitor(self))?;
+        deserializer.end()?;
+        Ok(object)
     }
 }
 
 struct KeyVisitor<'a>(&'a mut KeyOrder);
 
 impl<'de> serde::de::Visitor<'de> for KeyVisitor<'_> {
-    type Value = ();
+    type Value = serde_json::Value;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            map.next_value::<serde::de::IgnoredAny>()?;
-            if self.0.known.insert(key.clone()) {
-                self.0.keys.push(key);
-            }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+            let next = self.0.first_seen.len();
+            self.0.first_seen.entry(key.clone()).or_insert(next);
+            object.insert(key, value);
         }
-        Ok(())
+        Ok(serde_json::Value::Object(object))
     }
 }
 

@@ -51,16 +51,12 @@ fn json_line(format: &TextFormat, raw: &Bytes) -> Result<Option<RecordBatch>, Ar
         fields.into_iter().partition(|(name, _)| name != RESCUED_DATA && schema.field_with_name(name).is_ok());
     if decode_object(format, &kept)?.is_none() {
         // Find the values that do not fit, one field at a time.
-        let names: Vec<String> = kept.keys().cloned().collect();
-        for name in names {
-            let Some(value) = kept.remove(&name) else { continue };
-            let alone = Map::from_iter([(name.clone(), value)]);
-            let fits = decode_object(format, &alone)?.is_some();
-            let value = alone.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null);
-            if fits {
-                kept.insert(name, value);
+        for field in std::mem::take(&mut kept) {
+            let alone = Map::from_iter([field]);
+            if decode_object(format, &alone)?.is_some() {
+                kept.extend(alone);
             } else {
-                rescued.insert(name, value);
+                rescued.extend(alone);
             }
         }
     }
@@ -73,7 +69,7 @@ fn json_line(format: &TextFormat, raw: &Bytes) -> Result<Option<RecordBatch>, Ar
 
 /// Decodes one JSON object as a row; `None` if it does not fit.
 fn decode_object(format: &TextFormat, object: &Map<String, Value>) -> Result<Option<RecordBatch>, ArrowError> {
-    let line = Bytes::from(Value::Object(object.clone()).to_string());
+    let line = Bytes::from(serde_json::to_vec(object).map_err(|e| ArrowError::JsonError(e.to_string()))?);
     Ok(decode_group(format, &[(0, line)])?.ok().flatten())
 }
 

@@ -14,7 +14,7 @@ use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTableBuilder;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
-use sluice_proto::spec::{OnMalformed, SchemaEvolution};
+use sluice_proto::spec::{OnMalformed, SchemaEvolution, SchemaSample};
 use sluice_proto::task::{DeltaRead, MergeCounts, NewColumns, Quality, TaskResult, TaskSpec, WatermarkRead};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use crate::delta_source;
 use crate::error::{ReadError, WorkerError};
 use crate::expectations::{Expectations, Outcome};
 use crate::failpoint;
-use crate::formats::{FileDecoder, FileError, InferLimits, infer_schema};
+use crate::formats::{FileDecoder, FileError, infer_schema};
 use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
 use crate::quarantine::{self, Collector, Entry, Origin, collect};
@@ -307,7 +307,9 @@ async fn new_columns(
         );
         return fail_read(sender, ReadError { file: file.url.clone(), line, message, retryable: false }).await;
     }
-    let observed = match infer_schema(&task.files[index..], task.format, &task.csv, InferLimits::default()).await {
+    // The new columns' types, from at most 100 of the task's files from this one on.
+    let sample = SchemaSample { max_files: 100, ..SchemaSample::default() };
+    let observed = match infer_schema(&task.files[index..], task.format, &task.csv, sample).await {
         Ok(observed) => observed,
         Err(error) => return fail_read(sender, error).await,
     };
