@@ -20,6 +20,7 @@ pub mod expectations;
 pub mod failpoint;
 pub mod formats;
 pub mod history;
+pub mod json_lines;
 pub mod merge;
 pub mod metadata;
 pub mod quarantine;

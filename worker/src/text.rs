@@ -1,43 +1,31 @@
 //! Decoding JSON lines and CSV that may hold bad records.
 //!
-//! The good path decodes whole regions of a file (about [`READ_CHUNK`] bytes of
-//! whole lines) with arrow's push decoders, as fast as if no record could be
-//! bad. Only when a region fails (a decoding error, or for JSON a row count that
-//! differs from the line count) does the rest of that region take the careful
-//! path:
-//!
-//! 1. JSON only: each line is checked for syntax alone, with a decoder of no
-//!    columns, which builds arrow's tape and nothing else. Lines that are not
-//!    one whole JSON object, or not UTF-8, are set aside.
-//! 2. The remaining lines are decoded in groups of [`BATCH_ROWS`]; a group that
-//!    fails (a value that does not fit its column, a CSV row with the wrong
-//!    number of fields) is decoded again in groups of [`SMALL_GROUP`], and only
-//!    a small group that fails is decoded line by line, to find its bad lines.
-//!
-//! So the good rows of a file with bad lines are decoded in bulk, and the cost
-//! of a bad line is a few dozen lines' decoding, not the file's.
+//! JSON lines are decoded by [`crate::json_lines`]. For CSV, the good path
+//! decodes whole regions of a file (about [`READ_CHUNK`] bytes of whole lines)
+//! with arrow's push decoder, as fast as if no record could be bad. Only when a
+//! region fails does the rest of that region take the careful path: its lines
+//! are decoded in groups of [`BATCH_ROWS`]; a group that fails (a value that
+//! does not fit its column, a row with the wrong number of fields) is decoded
+//! again in groups of [`SMALL_GROUP`], and only a small group that fails is
+//! decoded line by line, to find its bad lines.
 //!
 //! [`READ_CHUNK`]: crate::formats::READ_CHUNK
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use sluice_proto::spec::{CsvOptions, Format, SchemaEvolution};
+use std::collections::VecDeque;
 
 use crate::formats::BATCH_ROWS;
+use crate::json_lines::JsonLines;
 use crate::rescue;
 
 /// Lines decoded together after a group of [`BATCH_ROWS`] lines failed.
 const SMALL_GROUP: usize = 64;
-
-/// Lines checked for syntax between two checks of their strings' UTF-8.
-const SYNTAX_FLUSH_LINES: usize = 1024;
 
 /// A record of a source file that could not be decoded.
 #[derive(Debug, Clone)]
@@ -152,12 +140,15 @@ pub struct TextReader {
     decoder: TextDecoder,
     ready: VecDeque<RecordBatch>,
     bad: Vec<BadRecord>,
+    /// The decoder of a JSON lines file (the fields above are for CSV).
+    json: Option<JsonLines>,
 }
 
 impl TextReader {
     pub fn new(format: TextFormat, bytes: BoxStream<'static, object_store::Result<Bytes>>) -> Result<Self, ArrowError> {
         let header = format.format == Format::Csv && format.csv.header;
         let decoder = format.decoder(BATCH_ROWS, header)?;
+        let json = if format.is_json() { Some(JsonLines::new(format.clone())?) } else { None };
         Ok(Self {
             format,
             bytes,
@@ -171,6 +162,7 @@ impl TextReader {
             decoder,
             ready: VecDeque::new(),
             bad: Vec::new(),
+            json,
         })
     }
 
@@ -182,6 +174,9 @@ impl TextReader {
     /// The next batch of good rows, or `None` at the end of the file. Bad
     /// records found on the way wait in [`Self::take_bad`].
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
+        if self.json.is_some() {
+            return self.next_json_batch().await;
+        }
         loop {
             if let Some(batch) = self.ready.pop_front() {
                 return Ok(Some(batch));
@@ -214,6 +209,22 @@ impl TextReader {
         }
     }
 
+    async fn next_json_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
+        loop {
+            let json = self.json.as_mut().expect("a JSON file");
+            if let Some(batch) = json.next_batch(false)? {
+                return Ok(Some(batch));
+            }
+            if !self.next_region().await? {
+                let json = self.json.as_mut().expect("a JSON file");
+                return Ok(json.next_batch(true)?);
+            }
+            let json = self.json.as_mut().expect("a JSON file");
+            json.region(&self.region, self.region_line, &mut self.bad)?;
+            self.pos = self.region.len();
+        }
+    }
+
     /// Takes the rows decoded since the last flush. When they do not come out
     /// right, the rest of the region takes the careful path and its good rows
     /// wait in `ready`.
@@ -241,23 +252,9 @@ impl TextReader {
         Ok(())
     }
 
-    /// Flushes the decoder; for JSON, fails when the rows are not one a line
-    /// (a broken line that swallowed the next, or two objects on a line).
+    /// Flushes the decoder.
     fn flush_checked(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
-        if let TextDecoder::Json(decoder) = &self.decoder
-            && decoder.has_partial_record()
-        {
-            return Err(ArrowError::JsonError("a record is not complete".to_string()));
-        }
-        let batch = self.decoder.flush()?;
-        if self.format.is_json() {
-            let rows = batch.as_ref().map_or(0, RecordBatch::num_rows);
-            let lines = count_lines(&self.region[self.batch_start..self.pos]);
-            if rows != lines {
-                return Err(ArrowError::JsonError(format!("{rows} records on {lines} lines")));
-            }
-        }
-        Ok(batch)
+        self.decoder.flush()
     }
 
     /// Reads the next region of whole lines; false at the end of the file.
@@ -313,8 +310,7 @@ impl TextReader {
         if header && self.first_region && start == 0 && lines.first().is_some_and(|(line, _)| *line == 1) {
             lines.remove(0);
         }
-        let good = if self.format.is_json() { json_syntax(lines, &mut self.bad) } else { lines };
-        decode_lines(&self.format, &good, &mut self.ready, &mut self.bad)?;
+        decode_lines(&self.format, &lines, &mut self.ready, &mut self.bad)?;
         self.pos = self.region.len();
         self.batch_start = self.pos;
         self.decoder = self.format.decoder(BATCH_ROWS, false).map_err(TextError::Setup)?;
@@ -323,7 +319,7 @@ impl TextReader {
 }
 
 /// Lines holding something other than whitespace.
-fn count_lines(bytes: &[u8]) -> usize {
+pub(crate) fn count_lines(bytes: &[u8]) -> usize {
     let mut count = 0;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
@@ -336,7 +332,7 @@ fn count_lines(bytes: &[u8]) -> usize {
 }
 
 /// The non-blank lines of `bytes` with their line numbers, each without its line break.
-fn split_lines(bytes: Bytes, first_line: u64) -> Vec<(u64, Bytes)> {
+pub(crate) fn split_lines(bytes: Bytes, first_line: u64) -> Vec<(u64, Bytes)> {
     let mut lines = Vec::new();
     let mut start = 0;
     let ends = memchr::memchr_iter(b'\n', &bytes).chain(std::iter::once(bytes.len()));
@@ -356,85 +352,13 @@ fn split_lines(bytes: Bytes, first_line: u64) -> Vec<(u64, Bytes)> {
     lines
 }
 
-/// A decoder that checks JSON syntax only (no columns).
-fn syntax_decoder() -> arrow::json::reader::Decoder {
-    arrow::json::ReaderBuilder::new(Arc::new(Schema::empty()))
-        .with_batch_size(SYNTAX_FLUSH_LINES + 1)
-        .build_decoder()
-        .expect("a decoder with no columns")
-}
-
-/// Whether `line` is one whole JSON object (its strings' UTF-8 is checked at flush).
-fn syntax_check(decoder: &mut arrow::json::reader::Decoder, line: &[u8]) -> Result<(), String> {
-    let before = decoder.len();
-    let consumed = decoder.decode(line).map_err(|e| e.to_string())?;
-    if consumed < line.len() || decoder.has_partial_record() || decoder.len() != before + 1 {
-        return Err("the line is not one complete JSON object".to_string());
-    }
-    Ok(())
-}
-
-/// Splits JSON lines into those that are whole objects and bad records.
-fn json_syntax(lines: Vec<(u64, Bytes)>, bad: &mut Vec<BadRecord>) -> Vec<(u64, Bytes)> {
-    let mut good: Vec<(u64, Bytes)> = Vec::with_capacity(lines.len());
-    let mut decoder = syntax_decoder();
-    // Lines since the decoder's last flush, whose strings are not checked yet.
-    let mut unflushed = 0;
-    for (number, line) in lines {
-        match syntax_check(&mut decoder, &line) {
-            Ok(()) => {
-                good.push((number, line));
-                unflushed += 1;
-                if unflushed == SYNTAX_FLUSH_LINES {
-                    flush_syntax(&mut decoder, &mut good, bad, unflushed);
-                    unflushed = 0;
-                }
-            }
-            Err(error) => {
-                bad.push(BadRecord { line: number, raw: line, error });
-                // The decoder is spoiled: a fresh one takes the lines it held,
-                // whose strings its next flush checks.
-                decoder = syntax_decoder();
-                for (_, held) in &good[good.len() - unflushed..] {
-                    let refed = syntax_check(&mut decoder, held);
-                    debug_assert!(refed.is_ok(), "a line passed this check before");
-                }
-            }
-        }
-    }
-    flush_syntax(&mut decoder, &mut good, bad, unflushed);
-    good
-}
-
-/// Flushes the syntax decoder, which checks the strings of the last
-/// `unflushed` good lines are UTF-8 (and that each line is an object); when
-/// that fails, those lines are checked one by one.
-fn flush_syntax(
-    decoder: &mut arrow::json::reader::Decoder,
-    good: &mut Vec<(u64, Bytes)>,
-    bad: &mut Vec<BadRecord>,
-    unflushed: usize,
-) {
-    if decoder.flush().is_ok() {
-        return;
-    }
-    *decoder = syntax_decoder();
-    for (number, line) in good.split_off(good.len() - unflushed) {
-        let mut single = syntax_decoder();
-        match syntax_check(&mut single, &line).and_then(|()| single.flush().map(|_| ()).map_err(|e| e.to_string())) {
-            Ok(()) => good.push((number, line)),
-            Err(error) => bad.push(BadRecord { line: number, raw: line, error }),
-        }
-    }
-}
-
 /// Decodes `lines` in groups, narrowing down to single lines only where a group
 /// fails. A line that fails alone is rescued (`rescue` mode), stops the file
 /// (a new column, in a mode that notices them), or is a bad record.
-fn decode_lines(
+pub(crate) fn decode_lines(
     format: &TextFormat,
     lines: &[(u64, Bytes)],
-    ready: &mut VecDeque<RecordBatch>,
+    ready: &mut impl Extend<RecordBatch>,
     bad: &mut Vec<BadRecord>,
 ) -> Result<(), TextError> {
     for group in lines.chunks(BATCH_ROWS) {
@@ -454,7 +378,7 @@ fn decode_lines(
                         let (line, raw) = single[0].clone();
                         if format.evolution == SchemaEvolution::Rescue {
                             if let Some(batch) = rescue::line(format, &raw)? {
-                                ready.push_back(batch);
+                                ready.extend([batch]);
                                 continue;
                             }
                         } else if let Some(column) = new_column(&error) {
@@ -529,7 +453,7 @@ pub(crate) fn decode_group(
 
 /// An arrow decoding error as a user reads it: for CSV, the column by name
 /// rather than by position, and no row number (the record's line is known).
-fn describe(format: &TextFormat, error: ArrowError) -> String {
+pub(crate) fn describe(format: &TextFormat, error: ArrowError) -> String {
     let mut message = match error {
         ArrowError::JsonError(m) | ArrowError::CsvError(m) | ArrowError::ParseError(m) => m,
         other => other.to_string(),
@@ -559,7 +483,8 @@ fn describe(format: &TextFormat, error: ArrowError) -> String {
 mod tests {
     use super::*;
     use arrow::array::{Array, Int64Array};
-    use arrow::datatypes::{DataType, Field};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
 
     fn reader(format: Format, text: &'static [u8], chunk: usize) -> TextReader {
         let schema = Arc::new(Schema::new(vec![
