@@ -1,14 +1,15 @@
 //! The distributed runtime with a real etcd server and real coordinator and
 //! worker processes: workers killed or frozen mid-batch, the leader killed
-//! mid-batch, etcd restarted mid-run, and the CLI against it all. Every test
-//! reads the Delta table back and checks each row is there exactly once.
+//! mid-batch, etcd restarted mid-run, the CLI against it all, and a column
+//! appearing mid-run with bad lines beside it. Every test reads the Delta
+//! table back and checks each row is there exactly once.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_tests::cluster::{Cluster, Etcd, free_port, reflected_services, wait_for_health};
-use sluice_tests::harness::{Sandbox, query_i64, txn_versions};
+use sluice_tests::harness::{self, Sandbox, query_i64, txn_versions};
 use sluice_tests::invoices::{invoice_pipeline as pipeline, write_invoice_file};
 
 const LONG: Duration = Duration::from_secs(180);
@@ -249,4 +250,47 @@ fn the_medallion_example_runs_on_the_cluster_with_a_worker_killed_mid_task() {
     for table in [&silver, &history, &gold] {
         assert_eq!(txn_versions(table), vec![0], "{}: one batch, for bronze's version 0", table.display());
     }
+}
+
+#[test]
+fn on_the_cluster_a_new_column_evolves_the_table_and_bad_lines_go_to_quarantine_exactly_once() {
+    let sandbox = Sandbox::new();
+    let line = |i: i64, extra: &str| format!("{{\"id\": {i}, \"name\": \"n{i}\"{extra}}}\n");
+    sandbox.write("in/1.json", (0..50).map(|i| line(i, "")).collect::<String>());
+    // The second file: a new column half way through, two bad lines and a value of the wrong type.
+    let mut second: String = (50..75).map(|i| line(i, "")).collect();
+    second.push_str("not json at all\n{\"id\": 999, \"name\": \"cut\n");
+    second.extend((75..100).map(|i| line(i, &format!(", \"color\": \"c{i}\""))));
+    second.push_str("{\"id\": \"a hundred\", \"name\": \"typo\"}\n");
+    sandbox.write("in/2.json", second);
+    sandbox.pipeline(
+        r#"
+pipeline: evolving
+checkpoint: ./cp
+flows:
+  - name: events
+    source:
+      files:
+        path: ./in
+        format: json
+        schema: infer
+        max_files_per_batch: 1
+    sink:
+      table: ./lake/events
+"#,
+    );
+    let cluster = submit_and_kill_a_worker_mid_read(&sandbox);
+    let status = cluster.wait_for_state(&sandbox, "evolving", "completed", LONG);
+
+    let table = sandbox.path("lake/events");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 100, "{status}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(DISTINCT id) FROM t"), 100);
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t WHERE color IS NOT NULL"), 25);
+    assert_eq!(txn_versions(&table), vec![1, 2], "each batch committed exactly once");
+    let log = harness::log_entries(&table);
+    assert!(log[1].iter().any(|a| a.get("metaData").is_some()), "the column arrives in the second batch's commit");
+    let quarantine = sandbox.path("lake/events_quarantine");
+    assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t"), 3, "three bad lines, once each");
+    assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t WHERE file_path LIKE '%/2.json'"), 3);
+    assert_eq!(txn_versions(&quarantine), vec![2]);
 }
