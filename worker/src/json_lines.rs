@@ -76,7 +76,7 @@ impl JsonLines {
     pub fn new(format: TextFormat) -> Result<Self, ArrowError> {
         let decoder = lenient_decoder(&format)?;
         let out = BatchCoalescer::new(format.schema.clone(), BATCH_ROWS);
-        let keys = format.schema.fields().iter().map(|f| KeyNode::new(f, false)).collect();
+        let keys = format.schema.fields().iter().map(|f| KeyNode::new(f, true, false)).collect();
         Ok(Self { format, decoder, out, careful: false, slipped: 0, unknown: Vec::new(), keys })
     }
 
@@ -361,16 +361,18 @@ struct KeyNode {
 }
 
 impl KeyNode {
-    fn new(field: &Field, unnamed: bool) -> Self {
+    /// `named`: the field's name is a key in the JSON (not a list's element);
+    /// `in_map`: the field is inside a map, whose keys are data, not names.
+    fn new(field: &Field, named: bool, in_map: bool) -> Self {
         let name = field.name();
-        let searchable = !unnamed && !name.chars().any(|c| c == '"' || c == '\\' || c == '/' || c.is_control());
+        let searchable = named && !in_map && !name.chars().any(|c| c == '"' || c == '\\' || c == '/' || c.is_control());
         let key = searchable.then(|| Finder::new(format!("\"{name}\"").as_bytes()).into_owned());
         let children = match field.data_type() {
-            DataType::Struct(fields) => fields.iter().map(|f| KeyNode::new(f, unnamed)).collect(),
+            DataType::Struct(fields) => fields.iter().map(|f| KeyNode::new(f, true, in_map)).collect(),
             DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
-                vec![KeyNode::new(item, true)]
+                vec![KeyNode::new(item, false, in_map)]
             }
-            DataType::Map(entries, _) => vec![KeyNode::new(entries, true)],
+            DataType::Map(entries, _) => vec![KeyNode::new(entries, false, true)],
             _ => Vec::new(),
         };
         Self { key, children }
