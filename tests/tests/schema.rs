@@ -241,3 +241,39 @@ fn schema_hints_override_inferred_types() {
     assert_ne!(output.code, Some(0));
     assert!(output.stderr.contains("schema_hints"), "{}", output.stderr);
 }
+
+#[test]
+fn add_new_columns_evolves_a_merge_sink_too() {
+    let sandbox = Sandbox::new();
+    sandbox.write("in/1.json", "{\"id\": 1, \"v\": \"a\", \"seq\": 1}\n{\"id\": 2, \"v\": \"b\", \"seq\": 1}\n");
+    sandbox.pipeline(
+        r#"
+pipeline: schemas
+checkpoint: ./cp
+flows:
+  - name: events
+    source:
+      files: { path: ./in, format: json, schema: infer }
+    transform: SELECT * EXCEPT (_metadata) FROM source
+    sink:
+      table: ./lake/events
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+"#,
+    );
+    sandbox.run_ok();
+    // An update of a key that exists and a new key, both with a new column.
+    sandbox.write(
+        "in/2.json",
+        "{\"id\": 2, \"v\": \"b2\", \"seq\": 2, \"color\": \"red\"}\n{\"id\": 3, \"v\": \"c\", \"seq\": 1, \"color\": \"blue\"}\n",
+    );
+    let summary = sandbox.run_ok();
+    assert_eq!(summary["flows"][0]["schema_added"], serde_json::json!(["color"]), "{summary}");
+    let table = sandbox.path("lake/events");
+    let rows = query_text(&table, "SELECT id, v, color FROM t ORDER BY id");
+    assert!(rows.contains("| 1  | a  |       |"), "{rows}");
+    assert!(rows.contains("| 2  | b2 | red   |"), "{rows}");
+    assert!(rows.contains("| 3  | c  | blue  |"), "{rows}");
+    assert!(table_columns(&sandbox, "lake/events").contains(&"color".to_string()));
+}
