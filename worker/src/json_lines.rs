@@ -44,11 +44,13 @@ use arrow::error::ArrowError;
 use bytes::Bytes;
 use memchr::memmem::Finder;
 use serde::de::IgnoredAny;
-use sluice_proto::spec::SchemaEvolution;
 
 use crate::formats::BATCH_ROWS;
-use crate::text::{BadRecord, TextError, TextFormat, count_lines, decode_group, decode_lines, new_column, split_lines};
-use crate::{rescue, text};
+use crate::text;
+use crate::text::{
+    BadRecord, TextError, TextFormat, count_lines, decode_group, decode_lines, is_blank, lines_from, new_column,
+    split_lines,
+};
 
 /// Rows decoded between two flushes of the decoder.
 pub const GROUP_ROWS: usize = 1024;
@@ -89,7 +91,7 @@ impl JsonLines {
                 self.careful_group(region, at, line, bad)?
             } else {
                 match self.fast_group(region, at, line, bad)? {
-                    Some(end) => (end, line + memchr::memchr_iter(b'\n', &region[at..end]).count() as u64),
+                    Some(next) => next,
                     None => {
                         self.careful = true;
                         continue;
@@ -108,22 +110,24 @@ impl JsonLines {
         Ok(self.out.next_completed_batch())
     }
 
-    /// Decodes the group starting at `at` in one call; `None` when that fails
-    /// (nothing of the group is kept then).
+    /// Decodes the group starting at `at` in one call; returns where it stopped
+    /// and the number of the line there, or `None` when that fails (nothing of
+    /// the group is kept then).
     fn fast_group(
         &mut self,
         region: &Bytes,
         at: usize,
         line: u64,
         bad: &mut Vec<BadRecord>,
-    ) -> Result<Option<usize>, TextError> {
+    ) -> Result<Option<(usize, u64)>, TextError> {
         let decoded = self.decoder.decode(&region[at..]).ok().filter(|_| !self.decoder.has_partial_record());
         let Some(consumed) = decoded else {
             self.reset()?;
             return Ok(None);
         };
         let end = at + consumed;
-        if self.decoder.len() != count_lines(&region[at..end]) || !ends_a_line(region, end) {
+        let (lines, breaks) = count_lines(&region[at..end]);
+        if self.decoder.len() != lines || !ends_a_line(region, end) {
             // A record spans lines, or a line holds two.
             self.reset()?;
             return Ok(None);
@@ -131,9 +135,9 @@ impl JsonLines {
         match self.decoder.flush() {
             Ok(Some(batch)) => {
                 self.accept(batch, || Cow::Owned(split_lines(region.slice(at..end), line)), bad)?;
-                Ok(Some(end))
+                Ok(Some((end, line + breaks)))
             }
-            Ok(None) => Ok(Some(end)),
+            Ok(None) => Ok(Some((end, line + breaks))),
             Err(_) => {
                 self.reset()?;
                 Ok(None)
@@ -154,22 +158,22 @@ impl JsonLines {
         let mut rescued = false;
         // The lines in the decoder, in its row order.
         let mut group: Vec<(u64, Bytes)> = Vec::with_capacity(GROUP_ROWS);
-        let mut pos = at;
-        let mut number = first_line;
-        while pos < region.len() && group.len() < GROUP_ROWS {
-            let end = memchr::memchr(b'\n', &region[pos..]).map_or(region.len(), |i| pos + i + 1);
-            let text = trim_line_end(&region[pos..end]);
-            if text.iter().any(|b| !b.is_ascii_whitespace()) {
-                let raw = region.slice_ref(text);
-                let checked = if self.slipped < THOROUGH_AFTER { looks_whole(text) } else { is_one_value(text) };
-                if checked && !self.holds_unknown(text) && self.feed(text, &group)? {
-                    group.push((number, raw));
-                } else {
-                    rescued |= self.alone(number, raw, bad)?;
-                }
+        // Where the group ends, and the number of the line there.
+        let mut next = (at, first_line);
+        for (number, raw, after) in lines_from(region, at, first_line) {
+            if group.len() == GROUP_ROWS {
+                break;
             }
-            pos = end;
-            number += 1;
+            next = (after, number + 1);
+            if is_blank(&raw) {
+                continue;
+            }
+            let checked = if self.slipped < THOROUGH_AFTER { looks_whole(&raw) } else { is_one_value(&raw) };
+            if checked && !self.holds_unknown(&raw) && self.feed(&raw, &group)? {
+                group.push((number, raw));
+            } else {
+                rescued |= self.alone(number, raw, bad)?;
+            }
         }
         loop {
             match self.decoder.flush() {
@@ -198,7 +202,7 @@ impl JsonLines {
             break;
         }
         self.careful = rescued || bad.len() > bad_before || !self.unknown.is_empty();
-        Ok((pos, number))
+        Ok(next)
     }
 
     /// Notes the field a strict decoder found that the schema lacks, unless it
@@ -241,7 +245,7 @@ impl JsonLines {
     }
 
     /// Decodes one line alone and strictly: a good row joins the output, a bad
-    /// one goes to [`Self::reject`]. Returns whether the line was not good.
+    /// one goes to [`text::reject`]. Returns whether the line was not good.
     fn alone(&mut self, line: u64, raw: Bytes, bad: &mut Vec<BadRecord>) -> Result<bool, TextError> {
         match decode_group(&self.format, &[(line, raw.clone())])? {
             Ok(batch) => {
@@ -249,25 +253,11 @@ impl JsonLines {
                 Ok(false)
             }
             Err(error) => {
-                self.reject(line, raw, error, bad)?;
+                let rescued = text::reject(&self.format, line, raw, error, bad)?;
+                self.push_all(rescued)?;
                 Ok(true)
             }
         }
-    }
-
-    /// A line that failed to decode alone is rescued, stops the file (a new
-    /// column), or becomes a bad record.
-    fn reject(&mut self, line: u64, raw: Bytes, error: ArrowError, bad: &mut Vec<BadRecord>) -> Result<(), TextError> {
-        if self.format.evolution == SchemaEvolution::Rescue {
-            if let Some(batch) = rescue::line(&self.format, &raw)? {
-                self.push_all([batch])?;
-                return Ok(());
-            }
-        } else if let Some(column) = new_column(&error) {
-            return Err(TextError::NewColumn { line, column });
-        }
-        bad.push(BadRecord { line, raw, error: text::describe(&self.format, error) });
-        Ok(())
     }
 
     /// Takes a decoded group whose row `i` came from `lines()[i]`: rows with a
@@ -298,7 +288,8 @@ impl JsonLines {
             let (line, raw) = &lines[row as usize];
             if let Err(error) = decode_group(&self.format, &[(*line, raw.clone())])? {
                 keep[row as usize] = false;
-                self.reject(*line, raw.clone(), error, bad)?;
+                let rescued = text::reject(&self.format, *line, raw.clone(), error, bad)?;
+                self.push_all(rescued)?;
             }
         }
         let batch =
@@ -329,11 +320,6 @@ fn lenient_decoder(format: &TextFormat) -> Result<arrow::json::reader::Decoder, 
 fn ends_a_line(region: &[u8], end: usize) -> bool {
     let last = region[..end].iter().rposition(|b| !b.is_ascii_whitespace());
     end == region.len() || last.is_none_or(|last| region[last..end].contains(&b'\n'))
-}
-
-fn trim_line_end(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// The light check: the line opens and closes an object and is UTF-8.
@@ -482,9 +468,10 @@ mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::Schema;
     use futures::StreamExt;
-    use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA};
+    use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution};
 
     use super::*;
+    use crate::rescue;
     use crate::text::TextReader;
 
     async fn read(text: String, chunk: usize) -> (Vec<i64>, Vec<(u64, String)>) {

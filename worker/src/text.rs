@@ -134,21 +134,29 @@ pub struct TextReader {
     region_line: u64,
     /// Whether `region` is the file's first.
     first_region: bool,
-    /// Bytes of `region` handed to the decoder, and where its unflushed rows start.
+    /// CSV: bytes of `region` handed to the decoder, and where its unflushed rows start.
     pos: usize,
     batch_start: usize,
-    decoder: TextDecoder,
+    decoding: Decoding,
+    /// CSV: rows decoded the careful way, waiting to be taken.
     ready: VecDeque<RecordBatch>,
     bad: Vec<BadRecord>,
-    /// The decoder of a JSON lines file (the fields above are for CSV).
-    json: Option<JsonLines>,
+}
+
+// One per file being read: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Decoding {
+    Json(JsonLines),
+    Csv(TextDecoder),
 }
 
 impl TextReader {
     pub fn new(format: TextFormat, bytes: BoxStream<'static, object_store::Result<Bytes>>) -> Result<Self, ArrowError> {
-        let header = format.format == Format::Csv && format.csv.header;
-        let decoder = format.decoder(BATCH_ROWS, header)?;
-        let json = if format.is_json() { Some(JsonLines::new(format.clone())?) } else { None };
+        let decoding = if format.is_json() {
+            Decoding::Json(JsonLines::new(format.clone())?)
+        } else {
+            Decoding::Csv(format.decoder(BATCH_ROWS, format.csv.header)?)
+        };
         Ok(Self {
             format,
             bytes,
@@ -159,10 +167,9 @@ impl TextReader {
             first_region: true,
             pos: 0,
             batch_start: 0,
-            decoder,
+            decoding,
             ready: VecDeque::new(),
             bad: Vec::new(),
-            json,
         })
     }
 
@@ -174,7 +181,7 @@ impl TextReader {
     /// The next batch of good rows, or `None` at the end of the file. Bad
     /// records found on the way wait in [`Self::take_bad`].
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
-        if self.json.is_some() {
+        if let Decoding::Json(_) = self.decoding {
             return self.next_json_batch().await;
         }
         loop {
@@ -194,7 +201,8 @@ impl TextReader {
                 }
                 continue;
             }
-            match self.decoder.decode(&self.region[self.pos..]) {
+            let Decoding::Csv(decoder) = &mut self.decoding else { unreachable!("a CSV file") };
+            match decoder.decode(&self.region[self.pos..]) {
                 Ok(consumed) => {
                     self.pos += consumed;
                     // The decoder stopped early: a batch is full.
@@ -211,17 +219,28 @@ impl TextReader {
 
     async fn next_json_batch(&mut self) -> Result<Option<RecordBatch>, TextError> {
         loop {
-            let json = self.json.as_mut().expect("a JSON file");
-            if let Some(batch) = json.next_batch(false)? {
+            if let Some(batch) = self.json().next_batch(false)? {
                 return Ok(Some(batch));
             }
             if !self.next_region().await? {
-                let json = self.json.as_mut().expect("a JSON file");
-                return Ok(json.next_batch(true)?);
+                return Ok(self.json().next_batch(true)?);
             }
-            let json = self.json.as_mut().expect("a JSON file");
+            let Decoding::Json(json) = &mut self.decoding else { unreachable!("a JSON file") };
             json.region(&self.region, self.region_line, &mut self.bad)?;
-            self.pos = self.region.len();
+        }
+    }
+
+    fn json(&mut self) -> &mut JsonLines {
+        match &mut self.decoding {
+            Decoding::Json(json) => json,
+            Decoding::Csv(_) => unreachable!("a JSON file"),
+        }
+    }
+
+    fn csv(&mut self) -> &mut TextDecoder {
+        match &mut self.decoding {
+            Decoding::Csv(decoder) => decoder,
+            Decoding::Json(_) => unreachable!("a CSV file"),
         }
     }
 
@@ -231,7 +250,7 @@ impl TextReader {
     fn flush_rows(&mut self) -> Result<Option<RecordBatch>, TextError> {
         let start = self.batch_start;
         let at_end = self.pos == self.region.len();
-        let flushed = if at_end { self.end_of_region() } else { Ok(()) }.and_then(|()| self.flush_checked());
+        let flushed = if at_end { self.end_of_region() } else { Ok(()) }.and_then(|()| self.csv().flush());
         match flushed {
             Ok(batch) => {
                 self.batch_start = self.pos;
@@ -246,15 +265,10 @@ impl TextReader {
 
     /// At the end of the file, tells the CSV decoder that its last record ended.
     fn end_of_region(&mut self) -> Result<(), ArrowError> {
-        if self.eof && self.carry.is_empty() && !self.format.is_json() {
-            self.decoder.decode(&[])?;
+        if self.eof && self.carry.is_empty() {
+            self.csv().decode(&[])?;
         }
         Ok(())
-    }
-
-    /// Flushes the decoder.
-    fn flush_checked(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
-        self.decoder.flush()
     }
 
     /// Reads the next region of whole lines; false at the end of the file.
@@ -313,43 +327,44 @@ impl TextReader {
         decode_lines(&self.format, &lines, &mut self.ready, &mut self.bad)?;
         self.pos = self.region.len();
         self.batch_start = self.pos;
-        self.decoder = self.format.decoder(BATCH_ROWS, false).map_err(TextError::Setup)?;
+        self.decoding = Decoding::Csv(self.format.decoder(BATCH_ROWS, false).map_err(TextError::Setup)?);
         Ok(())
     }
 }
 
-/// Lines holding something other than whitespace.
-pub(crate) fn count_lines(bytes: &[u8]) -> usize {
-    let mut count = 0;
+/// The lines holding something other than whitespace, and the line breaks.
+pub(crate) fn count_lines(bytes: &[u8]) -> (usize, u64) {
+    let (mut lines, mut breaks) = (0, 0);
     let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
-        if bytes[start..end].iter().any(|b| !b.is_ascii_whitespace()) {
-            count += 1;
-        }
+    for end in memchr::memchr_iter(b'\n', bytes) {
+        lines += usize::from(!is_blank(&bytes[start..end]));
+        breaks += 1;
         start = end + 1;
     }
-    count
+    lines += usize::from(!is_blank(&bytes[start..]));
+    (lines, breaks)
 }
 
 /// The non-blank lines of `bytes` with their line numbers, each without its line break.
 pub(crate) fn split_lines(bytes: Bytes, first_line: u64) -> Vec<(u64, Bytes)> {
-    let mut lines = Vec::new();
-    let mut start = 0;
-    let ends = memchr::memchr_iter(b'\n', &bytes).chain(std::iter::once(bytes.len()));
-    for (number, end) in (first_line..).zip(ends) {
-        if start > bytes.len() {
-            break;
-        }
-        let mut line = &bytes[start..end];
-        if line.last() == Some(&b'\r') {
-            line = &line[..line.len() - 1];
-        }
-        if line.iter().any(|b| !b.is_ascii_whitespace()) {
-            lines.push((number, bytes.slice_ref(line)));
-        }
-        start = end + 1;
-    }
-    lines
+    lines_from(&bytes, 0, first_line).filter(|(_, line, _)| !is_blank(line)).map(|(n, line, _)| (n, line)).collect()
+}
+
+/// Every line of `bytes` from `start` on (blank ones too), numbered from
+/// `first_line`: its number, the line without its line break, and the offset
+/// after its line break.
+pub(crate) fn lines_from(bytes: &Bytes, start: usize, first_line: u64) -> impl Iterator<Item = (u64, Bytes, usize)> {
+    let ends = memchr::memchr_iter(b'\n', &bytes[start..]).map(move |i| start + i).chain(std::iter::once(bytes.len()));
+    (first_line..).zip(ends).scan(start, move |from, (number, end)| {
+        let line = &bytes[*from..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        *from = end + 1;
+        Some((number, bytes.slice_ref(line), (end + 1).min(bytes.len())))
+    })
+}
+
+pub(crate) fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
 }
 
 /// Decodes `lines` in groups, narrowing down to single lines only where a group
@@ -376,21 +391,34 @@ pub(crate) fn decode_lines(
                     Ok(batch) => ready.extend(batch),
                     Err(error) => {
                         let (line, raw) = single[0].clone();
-                        if format.evolution == SchemaEvolution::Rescue {
-                            if let Some(batch) = rescue::line(format, &raw)? {
-                                ready.extend([batch]);
-                                continue;
-                            }
-                        } else if let Some(column) = new_column(&error) {
-                            return Err(TextError::NewColumn { line, column });
-                        }
-                        bad.push(BadRecord { line, raw, error: describe(format, error) });
+                        ready.extend(reject(format, line, raw, error, bad)?);
                     }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// A line that failed to decode alone: its row with what did not fit rescued
+/// (`rescue` mode), an error that stops the file (a new column, in a mode that
+/// notices them), or a bad record.
+pub(crate) fn reject(
+    format: &TextFormat,
+    line: u64,
+    raw: Bytes,
+    error: ArrowError,
+    bad: &mut Vec<BadRecord>,
+) -> Result<Option<RecordBatch>, TextError> {
+    if format.evolution == SchemaEvolution::Rescue {
+        if let Some(batch) = rescue::line(format, &raw)? {
+            return Ok(Some(batch));
+        }
+    } else if let Some(column) = new_column(&error) {
+        return Err(TextError::NewColumn { line, column });
+    }
+    bad.push(BadRecord { line, raw, error: describe(format, error) });
+    Ok(None)
 }
 
 /// The field a strict JSON decoder found that its schema lacks
