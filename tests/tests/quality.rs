@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use sluice_tests::harness::{Sandbox, commit_infos, kill_hard, query_i64, query_string, table_version, txn_versions};
+use sluice_tests::harness::{
+    Sandbox, commit_infos, kill_hard, query_i64, query_string, table_version, txn_versions, write_parquet,
+};
 
 const JSON_PIPELINE: &str = r#"
 pipeline: quality
@@ -36,6 +38,8 @@ fn every_bad_json_line_is_quarantined_with_its_file_line_and_text() {
         ("not-json.json", format!("hello world\n{}\n", good(9)).into_bytes()),
         ("wrong-type.json", format!("{{\"id\": \"ten\", \"amount\": 1}}\n\n{}\n", good(11)).into_bytes()),
         ("array.json", format!("[12, 13]\n{}", good(14)).into_bytes()),
+        // A fraction in an integer column is not truncated into it.
+        ("fraction.json", format!("{{\"id\": 17.5, \"name\": \"half\"}}\n{}\n", good(18)).into_bytes()),
         ("empty.json", Vec::new()),
     ];
     let mut not_utf8 = format!("{}\n", good(15)).into_bytes();
@@ -49,7 +53,7 @@ fn every_bad_json_line_is_quarantined_with_its_file_line_and_text() {
     let table = sandbox.path("lake/events");
     let quarantine = sandbox.path("lake/events_quarantine");
     assert_eq!(summary["files"].as_u64(), Some(files.len() as u64), "{summary}");
-    assert_eq!(summary["flows"][0]["quality"]["malformed_rows"].as_u64(), Some(5), "{summary}");
+    assert_eq!(summary["flows"][0]["quality"]["malformed_rows"].as_u64(), Some(6), "{summary}");
 
     // Per file: rows in the table + rows in quarantine = the file's lines.
     for (name, bytes) in &files {
@@ -67,12 +71,76 @@ fn every_bad_json_line_is_quarantined_with_its_file_line_and_text() {
     assert_eq!(entry("not-json.json"), "record|1|text|hello world");
     assert_eq!(entry("wrong-type.json"), "record|1|text|{\"id\": \"ten\", \"amount\": 1}");
     assert_eq!(entry("array.json"), "record|1|text|[12, 13]");
+    assert_eq!(entry("fraction.json"), "record|1|text|{\"id\": 17.5, \"name\": \"half\"}");
     // Bytes that are not UTF-8 are kept exactly, base64-encoded.
     assert_eq!(entry("not-utf8.json"), "record|2|base64|eyJpZCI6IDE2LCAibmFtZSI6ICL//iJ9");
     let error = query_string(&quarantine, "SELECT error FROM t WHERE file_path LIKE '%/wrong-type.json'");
     assert!(error.contains("ten"), "the error says what did not fit: {error}");
-    assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t WHERE batch = 1 AND flow = 'events'"), 5);
-    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 11);
+    assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t WHERE batch = 1 AND flow = 'events'"), 6);
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 12);
+}
+
+/// A Parquet file whose `id` is DOUBLE and `amount` STRING, for a table of
+/// `id BIGINT, amount DOUBLE`: rows 2 and 3 each hold a value that does not fit.
+fn write_misfit_parquet(sandbox: &Sandbox) {
+    use arrow::array::{Float64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(Float64Array::from(vec![1.0, 2.5, 3.0, 4.0])) as arrow::array::ArrayRef),
+        ("name", Arc::new(StringArray::from(vec!["a", "b", "c", "d"]))),
+        ("amount", Arc::new(StringArray::from(vec![Some("1.5"), Some("2"), Some("lots"), None]))),
+    ])
+    .expect("a batch");
+    write_parquet(&sandbox.path("in/mixed.parquet"), &batch);
+}
+
+#[test]
+fn parquet_values_that_do_not_fit_are_quarantined_by_row_or_rescued() {
+    let sandbox = Sandbox::new();
+    write_misfit_parquet(&sandbox);
+    sandbox.pipeline(&JSON_PIPELINE.replace("format: json", "format: parquet"));
+    let summary = sandbox.run_ok();
+    assert_eq!(summary["flows"][0]["quality"]["malformed_rows"].as_u64(), Some(2), "{summary}");
+    let table = sandbox.path("lake/events");
+    assert_eq!(
+        query_string(&table, "SELECT string_agg(concat_ws(':', id, amount), ',' ORDER BY id) FROM t"),
+        "1:1.5,4"
+    );
+    let quarantine = sandbox.path("lake/events_quarantine");
+    let entries = query_string(
+        &quarantine,
+        "SELECT string_agg(concat_ws('|', kind, line, raw, error), '\n' ORDER BY line) FROM t",
+    );
+    let entries: Vec<&str> = entries.lines().collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    // The 2.5 is not truncated into the BIGINT column, and "lots" is not a number.
+    assert!(
+        entries[0]
+            .starts_with("record|2|{\"id\":2.5,\"name\":\"b\",\"amount\":\"2\"}|column `id`: 2.5 does not fit Int64"),
+        "{entries:?}"
+    );
+    assert!(
+        entries[1].starts_with("record|3|") && entries[1].contains("column `amount`: lots does not fit Float64"),
+        "{entries:?}"
+    );
+
+    // In rescue mode the rows stay, with what did not fit in `_rescued_data`.
+    let sandbox = Sandbox::new();
+    write_misfit_parquet(&sandbox);
+    sandbox.pipeline(&JSON_PIPELINE.replace("format: json,", "format: parquet, schema_evolution: rescue,"));
+    sandbox.run_ok();
+    let table = sandbox.path("lake/events");
+    let rows = query_string(
+        &table,
+        "SELECT string_agg(concat_ws('|', name, coalesce(CAST(id AS VARCHAR), '-'), coalesce(CAST(amount AS VARCHAR), '-'), \
+         coalesce(_rescued_data, '-')), '\n' ORDER BY name) FROM t",
+    );
+    let rows: Vec<&str> = rows.lines().collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows[0], "a|1|1.5|-");
+    assert!(rows[1].starts_with("b|-|2.0|{\"_file_path\":\"file://") && rows[1].contains("\"id\":2.5"), "{rows:?}");
+    assert!(rows[2].starts_with("c|3|-|") && rows[2].contains("\"amount\":\"lots\""), "{rows:?}");
+    assert_eq!(rows[3], "d|4|-|-");
 }
 
 /// The ids of the good lines of a file, as a SQL list.

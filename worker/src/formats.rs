@@ -14,9 +14,11 @@ use std::collections::HashMap;
 use std::io::{BufRead, Cursor};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, RecordBatch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::error::ArrowError;
+use arrow::util::display::array_value_to_string;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -27,6 +29,7 @@ use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream
 use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution, SchemaSample};
 use sluice_proto::task::SourceFile;
 
+use crate::conform;
 use crate::conform::conform_batch;
 use crate::error::ReadError;
 use crate::rescue;
@@ -65,6 +68,11 @@ pub struct FileDecoder {
     rows: u64,
     /// Columns of the file that the schema lacks, rescued into `_rescued_data`.
     rescued: Vec<String>,
+    evolution: SchemaEvolution,
+    /// Rows decoded from a Parquet file so far, set aside or not.
+    parquet_rows: u64,
+    /// Parquet rows with a value that does not fit, set aside.
+    parquet_bad: Vec<BadRecord>,
 }
 
 /// Why a file's rows cannot be read into the schema.
@@ -134,8 +142,7 @@ impl FileDecoder {
                     (schema.clone(), Vec::new())
                 };
                 let bytes = read_ahead(store.clone(), path, file.size);
-                let text =
-                    TextFormat { format, schema: file_schema, csv: csv.clone(), evolution, file: file.url.clone() };
+                let text = TextFormat::new(format, file_schema, csv.clone(), evolution, file.url.clone());
                 let reader = TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?;
                 (DecoderKind::Text(reader), extra, Some(1))
             }
@@ -161,7 +168,16 @@ impl FileDecoder {
                 return Err(FileError::NewColumns { columns: extra, line });
             }
         };
-        Ok(Self { file: file.clone(), schema, kind, rows: 0, rescued })
+        Ok(Self {
+            file: file.clone(),
+            schema,
+            kind,
+            rows: 0,
+            rescued,
+            evolution,
+            parquet_rows: 0,
+            parquet_bad: Vec::new(),
+        })
     }
 
     /// A batch of the file's columns in the decoder's schema.
@@ -177,7 +193,10 @@ impl FileDecoder {
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>, FileError> {
         let batch = match &mut self.kind {
             DecoderKind::Parquet(stream) => match stream.try_next().await {
-                Ok(batch) => batch,
+                Ok(batch) => batch
+                    .map(|batch| self.set_aside_misfits(batch))
+                    .transpose()
+                    .map_err(|e| read_error(&self.file, None, self.after_rows(e.to_string()), false))?,
                 Err(e) => {
                     let message = self.after_rows(format!("not a readable Parquet file: {e}"));
                     return Err(read_error(&self.file, None, message, false).into());
@@ -207,8 +226,45 @@ impl FileDecoder {
     pub fn take_bad(&mut self) -> Vec<BadRecord> {
         match &mut self.kind {
             DecoderKind::Text(reader) => reader.take_bad(),
-            DecoderKind::Parquet(_) => Vec::new(),
+            DecoderKind::Parquet(_) => std::mem::take(&mut self.parquet_bad),
         }
+    }
+
+    /// Parquet values that do not fit their column: rescued in `rescue` mode;
+    /// otherwise their rows are bad records, numbered by row in the file and
+    /// kept as JSON.
+    fn set_aside_misfits(&mut self, batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
+        let first_row = self.parquet_rows;
+        self.parquet_rows += batch.num_rows() as u64;
+        let Some(misfits) = conform::misfits(&batch, &self.schema)? else { return Ok(batch) };
+        if self.evolution == SchemaEvolution::Rescue {
+            return rescue::misfit_values(&misfits.batch, &misfits.columns, &self.file.url);
+        }
+        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+        writer.write(&filter_record_batch(&batch, &misfits.rows)?)?;
+        writer.finish()?;
+        let raw = Bytes::from(writer.into_inner());
+        let mut lines = raw.split(|b| *b == b'\n').filter(|line| !line.is_empty());
+        let rows = misfits.rows.values().set_indices();
+        for (row, line) in rows.zip(lines.by_ref()) {
+            let error = misfits
+                .columns
+                .iter()
+                .filter(|(_, values)| values.is_valid(row))
+                .map(|(name, values)| {
+                    let value = array_value_to_string(values, row).unwrap_or_default();
+                    let wanted =
+                        self.schema.field_with_name(name).map(|f| f.data_type().to_string()).unwrap_or_default();
+                    format!(
+                        "column `{name}`: {value} does not fit {wanted} (row {} of the file)",
+                        first_row + row as u64 + 1
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.parquet_bad.push(BadRecord { line: first_row + row as u64 + 1, raw: raw.slice_ref(line), error });
+        }
+        filter_record_batch(&misfits.batch, &arrow::compute::not(&misfits.rows)?)
     }
 
     /// `message`, saying how many rows were read before it when any were.

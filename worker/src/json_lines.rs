@@ -45,6 +45,7 @@ use bytes::Bytes;
 use memchr::memmem::Finder;
 use serde::de::IgnoredAny;
 
+use crate::exact_ints;
 use crate::formats::BATCH_ROWS;
 use crate::text;
 use crate::text::{
@@ -261,8 +262,41 @@ impl JsonLines {
     }
 
     /// Takes a decoded group whose row `i` came from `lines()[i]`: rows with a
-    /// NULL their line does not explain are decoded again alone.
+    /// value that does not fit, or a NULL their line does not explain, are
+    /// decoded again alone.
     fn accept<'l>(
+        &mut self,
+        batch: RecordBatch,
+        lines: impl FnOnce() -> Cow<'l, [(u64, Bytes)]>,
+        bad: &mut Vec<BadRecord>,
+    ) -> Result<(), TextError> {
+        let misfits = match exact_ints::convert(batch.clone(), &self.format.schema)? {
+            Ok(batch) => return self.explain_nulls(batch, lines, bad),
+            Err(misfits) => misfits,
+        };
+        // A number that is not a whole one in an integer column: its line is
+        // decoded alone (and fails), the other lines' rows taken.
+        let lines = lines();
+        let mut keep = vec![true; batch.num_rows()];
+        for misfit in misfits {
+            keep[misfit.row] = false;
+        }
+        let mut others = Vec::with_capacity(lines.len());
+        for ((line, raw), kept) in lines.iter().zip(&keep) {
+            if *kept {
+                others.push((*line, raw.clone()));
+            } else {
+                self.alone(*line, raw.clone(), bad)?;
+            }
+        }
+        let batch = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        let batch = exact_ints::convert_strictly(batch, &self.format.schema)?;
+        self.explain_nulls(batch, || Cow::Owned(others), bad)
+    }
+
+    /// [`Self::accept`] once integers are converted: rows with a NULL their
+    /// line does not explain are decoded again alone.
+    fn explain_nulls<'l>(
         &mut self,
         batch: RecordBatch,
         lines: impl FnOnce() -> Cow<'l, [(u64, Bytes)]>,
@@ -308,11 +342,7 @@ impl JsonLines {
 }
 
 fn lenient_decoder(format: &TextFormat) -> Result<arrow::json::reader::Decoder, ArrowError> {
-    arrow::json::ReaderBuilder::new(format.schema.clone())
-        .with_batch_size(GROUP_ROWS)
-        .with_strict_mode(format.evolution.notices_new_columns())
-        .with_ignore_type_conflicts(true)
-        .build_decoder()
+    format.json_decoder(GROUP_ROWS, true)
 }
 
 /// Whether the decoder, which stops after a record and the whitespace after it,
@@ -504,13 +534,7 @@ mod tests {
             SchemaEvolution::Rescue => Arc::new(rescue::with_rescued_column(&schema)),
             _ => schema,
         };
-        let format = TextFormat {
-            format: Format::Json,
-            schema,
-            csv: CsvOptions::default(),
-            evolution,
-            file: "file:///f".to_string(),
-        };
+        let format = TextFormat::new(Format::Json, schema, CsvOptions::default(), evolution, "file:///f".to_string());
         let bytes = Bytes::from(text);
         let chunks: Vec<object_store::Result<Bytes>> =
             (0..bytes.len()).step_by(chunk).map(|at| Ok(bytes.slice(at..(at + chunk).min(bytes.len())))).collect();
@@ -543,13 +567,19 @@ mod tests {
             r#"{"i\u0064":"nine"}"#,
             r#"{"id":10,"name":"id","note":"\"id\": 5"}"#,
             r#"{"id":11, "name" : null , "addr" :null}"#,
+            // Numbers that are not whole ones in integer columns, and ones that are.
+            r#"{"id":12.5}"#,
+            r#"{"id":13,"addr":{"zip":1.5}}"#,
+            r#"{"id":14,"items":[{"code":"c","qty":1},{"code":"d","qty":2.5}]}"#,
+            r#"{"id":15.0,"addr":{"zip":1e3},"items":[{"qty":2.00}]}"#,
         ];
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let (ids, bad) = read(text, 4096).await;
-        assert_eq!(ids, vec![1, 2, 3, 7, 10, 11]);
+        assert_eq!(ids, vec![1, 2, 3, 7, 10, 11, 15]);
         let bad_lines: Vec<u64> = bad.iter().map(|(line, _)| *line).collect();
-        assert_eq!(bad_lines, vec![4, 5, 6, 8, 9], "{bad:?}");
+        assert_eq!(bad_lines, vec![4, 5, 6, 8, 9, 12, 13, 14], "{bad:?}");
         assert!(bad[2].1.contains("six"), "{bad:?}");
+        assert!(bad[7].1.contains("'items.item.qty': 2.5 is not a whole number"), "{bad:?}");
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod cluster_cli;
 pub mod conform;
 pub mod delta_source;
 pub mod error;
+pub mod exact_ints;
 pub mod expectations;
 pub mod failpoint;
 pub mod formats;

@@ -76,7 +76,13 @@ fn decode_object(format: &TextFormat, object: &Map<String, Value>) -> Result<Opt
 fn csv_line(format: &TextFormat, raw: &Bytes) -> Result<Option<RecordBatch>, ArrowError> {
     // The row as text first; a row with the wrong number of fields is not rescued.
     let texts: Vec<Field> = format.schema.fields().iter().map(|f| Field::new(f.name(), DataType::Utf8, true)).collect();
-    let as_text = TextFormat { schema: Arc::new(Schema::new(texts)), ..format.clone() };
+    let as_text = TextFormat::new(
+        format.format,
+        Arc::new(Schema::new(texts)),
+        format.csv.clone(),
+        format.evolution,
+        format.file.clone(),
+    );
     let Ok(Some(row)) = decode_group(&as_text, &[(0, raw.clone())])? else { return Ok(None) };
     let strict = CastOptions { safe: false, ..Default::default() };
     let mut rescued = Map::new();
@@ -109,39 +115,9 @@ fn csv_line(format: &TextFormat, raw: &Bytes) -> Result<Option<RecordBatch>, Arr
 pub fn extra_columns(batch: &RecordBatch, extra: &[String], file: &str) -> Result<RecordBatch, ArrowError> {
     let schema = batch.schema();
     let extra_indices: Vec<usize> = extra.iter().filter_map(|name| schema.index_of(name).ok()).collect();
-    let existing = batch.column_by_name(RESCUED_DATA).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-    let lines: Vec<Map<String, Value>> = if extra_indices.is_empty() {
-        vec![Map::new(); batch.num_rows()]
-    } else {
-        let projected = batch.project(&extra_indices)?;
-        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-        writer.write(&projected)?;
-        writer.finish()?;
-        let text = writer.into_inner();
-        text.split(|b| *b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(|line| match serde_json::from_slice::<Value>(line) {
-                Ok(Value::Object(object)) => Ok(object),
-                _ => Err(ArrowError::JsonError("cannot encode rescued columns".to_string())),
-            })
-            .collect::<Result<_, _>>()?
-    };
-    let rescued: StringArray = lines
-        .into_iter()
-        .enumerate()
-        .map(|(row, mut object)| {
-            if let Some(existing) = existing.as_ref().filter(|a| a.is_valid(row))
-                && let Ok(Value::Object(earlier)) = serde_json::from_str::<Value>(existing.value(row))
-            {
-                object.extend(earlier);
-            }
-            if object.is_empty() {
-                return None;
-            }
-            object.entry(FILE_PATH_KEY).or_insert_with(|| Value::String(file.to_string()));
-            Some(Value::Object(object).to_string())
-        })
-        .collect();
+    let moved: Vec<(String, ArrayRef)> =
+        extra_indices.iter().map(|i| (schema.field(*i).name().clone(), batch.column(*i).clone())).collect();
+    let rescued = rescued_column(batch, &moved, file)?;
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (index, field) in schema.fields().iter().enumerate() {
@@ -156,6 +132,66 @@ pub fn extra_columns(batch: &RecordBatch, extra: &[String], file: &str) -> Resul
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
+/// Adds values that did not fit their column to `_rescued_data`: `misfits`
+/// holds, per column, the file's values (NULL where they fit); `batch` holds
+/// the columns as cast, NULL where they did not fit.
+pub fn misfit_values(
+    batch: &RecordBatch,
+    misfits: &[(String, ArrayRef)],
+    file: &str,
+) -> Result<RecordBatch, ArrowError> {
+    let rescued: ArrayRef = Arc::new(rescued_column(batch, misfits, file)?);
+    let schema = batch.schema();
+    let mut columns = batch.columns().to_vec();
+    match schema.index_of(RESCUED_DATA) {
+        Ok(index) => columns[index] = rescued,
+        Err(_) => {
+            let schema = with_rescued_column(&schema);
+            columns.push(rescued);
+            return RecordBatch::try_new(Arc::new(schema), columns);
+        }
+    }
+    RecordBatch::try_new(schema, columns)
+}
+
+/// `_rescued_data` for the rows of `batch`: what they rescued already, with
+/// the non-NULL values of the `moved` columns added.
+fn rescued_column(batch: &RecordBatch, moved: &[(String, ArrayRef)], file: &str) -> Result<StringArray, ArrowError> {
+    let existing = batch.column_by_name(RESCUED_DATA).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+    let lines: Vec<Map<String, Value>> = if moved.is_empty() {
+        vec![Map::new(); batch.num_rows()]
+    } else {
+        let projected = RecordBatch::try_from_iter(moved.iter().cloned())?;
+        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+        writer.write(&projected)?;
+        writer.finish()?;
+        let text = writer.into_inner();
+        text.split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| match serde_json::from_slice::<Value>(line) {
+                Ok(Value::Object(object)) => Ok(object),
+                _ => Err(ArrowError::JsonError("cannot encode rescued columns".to_string())),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok(lines
+        .into_iter()
+        .enumerate()
+        .map(|(row, mut object)| {
+            if let Some(existing) = existing.as_ref().filter(|a| a.is_valid(row))
+                && let Ok(Value::Object(earlier)) = serde_json::from_str::<Value>(existing.value(row))
+            {
+                object.extend(earlier);
+            }
+            if object.is_empty() {
+                return None;
+            }
+            object.entry(FILE_PATH_KEY).or_insert_with(|| Value::String(file.to_string()));
+            Some(Value::Object(object).to_string())
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,13 +202,13 @@ mod tests {
         if format == Format::Json {
             fields.push(Field::new(RESCUED_DATA, DataType::Utf8, true));
         }
-        TextFormat {
+        TextFormat::new(
             format,
-            schema: Arc::new(Schema::new(fields)),
-            csv: CsvOptions::default(),
-            evolution: SchemaEvolution::Rescue,
-            file: "file:///in/a.json".to_string(),
-        }
+            Arc::new(Schema::new(fields)),
+            CsvOptions::default(),
+            SchemaEvolution::Rescue,
+            "file:///in/a.json".to_string(),
+        )
     }
 
     fn rescued(batch: &RecordBatch) -> Value {
@@ -189,6 +225,13 @@ mod tests {
         assert_eq!(row.column(1).as_any().downcast_ref::<StringArray>().unwrap().value(0), "x");
         assert_eq!(rescued(&row), serde_json::json!({"id": "seven", "extra": [1], "_file_path": "file:///in/a.json"}));
         assert!(line(&format(Format::Json), &Bytes::from_static(b"not json")).unwrap().is_none());
+    }
+
+    #[test]
+    fn json_fractions_in_integer_columns_are_rescued_not_truncated() {
+        let row = line(&format(Format::Json), &Bytes::from_static(br#"{"id": 7.5, "name": "x"}"#)).unwrap().unwrap();
+        assert!(row.column(0).is_null(0));
+        assert_eq!(rescued(&row), serde_json::json!({"id": 7.5, "_file_path": "file:///in/a.json"}));
     }
 
     #[test]

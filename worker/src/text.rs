@@ -20,6 +20,7 @@ use futures::stream::BoxStream;
 use sluice_proto::spec::{CsvOptions, Format, SchemaEvolution};
 use std::collections::VecDeque;
 
+use crate::exact_ints;
 use crate::formats::BATCH_ROWS;
 use crate::json_lines::JsonLines;
 use crate::rescue;
@@ -48,6 +49,9 @@ pub struct TextFormat {
     pub evolution: SchemaEvolution,
     /// The file, named in rescued data.
     pub file: String,
+    /// The schema JSON is decoded with: integer fields as text (see
+    /// [`crate::exact_ints`]).
+    read: SchemaRef,
 }
 
 // One per file being read: boxing the large variant would buy nothing.
@@ -74,6 +78,26 @@ impl TextDecoder {
 }
 
 impl TextFormat {
+    pub fn new(format: Format, schema: SchemaRef, csv: CsvOptions, evolution: SchemaEvolution, file: String) -> Self {
+        let read = if format == Format::Json { exact_ints::read_schema(&schema) } else { schema.clone() };
+        Self { format, schema, csv, evolution, file, read }
+    }
+
+    /// A JSON decoder for `self.read`; `lenient`: a value of the wrong type is
+    /// NULL instead of an error. Its batches go through [`exact_ints::convert`].
+    pub(crate) fn json_decoder(
+        &self,
+        batch_rows: usize,
+        lenient: bool,
+    ) -> Result<arrow::json::reader::Decoder, ArrowError> {
+        arrow::json::ReaderBuilder::new(self.read.clone())
+            .with_batch_size(batch_rows)
+            .with_strict_mode(self.evolution.notices_new_columns())
+            .with_coerce_primitive(true)
+            .with_ignore_type_conflicts(lenient)
+            .build_decoder()
+    }
+
     fn is_json(&self) -> bool {
         self.format == Format::Json
     }
@@ -93,12 +117,7 @@ impl TextFormat {
                 }
                 TextDecoder::Csv(builder.build_decoder())
             }
-            _ => TextDecoder::Json(
-                arrow::json::ReaderBuilder::new(self.schema.clone())
-                    .with_batch_size(batch_rows)
-                    .with_strict_mode(self.evolution.notices_new_columns())
-                    .build_decoder()?,
-            ),
+            _ => TextDecoder::Json(self.json_decoder(batch_rows, false)?),
         })
     }
 }
@@ -471,7 +490,10 @@ pub(crate) fn decode_group(
         {
             return Err(ArrowError::JsonError("the line is not one complete JSON object".to_string()));
         }
-        let batch = decoder.flush()?;
+        let mut batch = decoder.flush()?;
+        if format.is_json() {
+            batch = batch.map(|batch| exact_ints::convert_strictly(batch, &format.schema)).transpose()?;
+        }
         if batch.as_ref().map_or(0, RecordBatch::num_rows) != lines.len() {
             return Err(ArrowError::JsonError("the lines do not hold one record each".to_string()));
         }
@@ -520,13 +542,8 @@ mod tests {
             Field::new("name", DataType::Utf8, true),
         ]));
         let chunks: Vec<object_store::Result<Bytes>> = text.chunks(chunk).map(|c| Ok(Bytes::from_static(c))).collect();
-        let format = TextFormat {
-            format,
-            schema,
-            csv: CsvOptions::default(),
-            evolution: SchemaEvolution::None,
-            file: "file:///f".to_string(),
-        };
+        let format =
+            TextFormat::new(format, schema, CsvOptions::default(), SchemaEvolution::None, "file:///f".to_string());
         TextReader::new(format, futures::stream::iter(chunks).boxed()).unwrap()
     }
 
