@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, MetadataExt, Remove, StructType, Transaction};
+use deltalake::kernel::{Action, Add, AddCDCFile, MetadataExt, Remove, StructType, Transaction};
 use deltalake::operations::create::CreateBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -35,6 +35,8 @@ pub struct BatchCommit {
     pub adds: Vec<Add>,
     /// Files the batch replaces (a merge's rewritten files).
     pub removes: Vec<Remove>,
+    /// Change data files of a merge that rewrote files.
+    pub cdc: Vec<AddCDCFile>,
     pub kind: CommitKind,
     /// The batch was computed from this table version (`None`: from no table):
     /// it may be committed only directly on it.
@@ -190,6 +192,7 @@ async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutco
     }
     actions.extend(request.removes.iter().cloned().map(Action::Remove));
     actions.extend(request.adds.iter().cloned().map(Action::Add));
+    actions.extend(request.cdc.iter().cloned().map(Action::Cdc));
     let finalized = CommitBuilder::from(properties(request))
         .with_actions(actions)
         .build(Some(snapshot), table.log_store(), operation)

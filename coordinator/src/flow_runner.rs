@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::DeltaTable;
-use deltalake::kernel::{Add, Remove, StructType};
+use deltalake::kernel::{Add, AddCDCFile, Remove, StructType};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
@@ -708,6 +708,7 @@ impl FlowContext {
         };
         let adds: Vec<Add> = decode_actions(results.iter().flat_map(|r| &r.adds)).map_err(malformed)?;
         let removes: Vec<Remove> = decode_actions(results.iter().flat_map(|r| &r.removes)).map_err(malformed)?;
+        let cdc: Vec<AddCDCFile> = decode_actions(results.iter().flat_map(|r| &r.cdc)).map_err(malformed)?;
         let quarantined: Vec<Add> =
             decode_actions(results.iter().flat_map(|r| &r.quarantine_adds)).map_err(malformed)?;
         let quality = results.iter().fold(Quality::default(), |sum, r| sum.plus(&r.quality));
@@ -734,6 +735,7 @@ impl FlowContext {
             batch,
             adds,
             removes,
+            cdc,
             kind,
             computed_on,
             follows: work.follows,
@@ -765,6 +767,7 @@ impl FlowContext {
             batch,
             adds,
             removes: Vec::new(),
+            cdc: Vec::new(),
             kind: CommitKind::Append,
             computed_on: None,
             follows: None,

@@ -962,12 +962,6 @@ fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<Mer
     if scd != 1 && scd != 2 {
         return Err(SpecError::invalid(format!("{field}.scd"), "must be 1 (latest row per key) or 2 (history)"));
     }
-    if raw.ignore_null_updates == Some(true) && scd == 2 {
-        return Err(SpecError::invalid(
-            format!("{field}.ignore_null_updates"),
-            "`true` is supported with `scd: 1` only for now: with `scd: 2` a change's NULLs are written as they are",
-        ));
-    }
     if raw.replace_rows_per_key == Some(true) && (scd == 2 || raw.ignore_null_updates == Some(true)) {
         return Err(SpecError::invalid(
             format!("{field}.replace_rows_per_key"),
@@ -1248,8 +1242,8 @@ flows:
         assert!(err.contains("flows[1].sink.track_history_columns") && err.contains("`scd: 2` only"), "{err}");
         let err = error_of(&history.replace("scd: 2", "scd: 2\n      track_history_columns: [CreatedTime]"));
         assert!(err.contains("track_history_columns[0]") && err.contains("sequence column"), "{err}");
-        let err = error_of(&history.replace("scd: 2", "scd: 2\n      ignore_null_updates: true"));
-        assert!(err.contains("flows[1].sink.ignore_null_updates"), "{err}");
+        let spec = parse_pipeline(&history.replace("scd: 2", "scd: 2\n      ignore_null_updates: true"), None).unwrap();
+        assert!(spec.flows[1].sink.merge.as_ref().is_some_and(|m| m.ignore_null_updates && m.scd == 2));
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub struct TaskResult {
     /// Delta `Remove` actions (a merge's rewritten files), as JSON.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removes: Vec<serde_json::Value>,
+    /// Delta `cdc` actions (a merge's change data files), as JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdc: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeCounts>,
     /// For a watermark source: the highest value of the column among the rows read.

@@ -1,7 +1,8 @@
 //! Silver and gold flows: a `merge` flow applying a real change data feed
 //! (written with deltalake's own operations) must leave the target equal to
 //! the source's latest snapshot, across micro-batches and SIGKILLs; a gold
-//! `overwrite` flow over a `delta` snapshot; errors for broken sources.
+//! `overwrite` flow over a `delta` snapshot; a merge target's own change
+//! feed read by the next merge; errors for broken sources.
 
 #![allow(clippy::unwrap_used)]
 
@@ -290,6 +291,55 @@ flows:
 }
 
 #[test]
+fn ignore_null_updates_with_scd2_carries_the_values_into_each_new_version() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "landing/a.json",
+        jsonl(&[r#"{"id": 1, "v": "a", "w": "x", "seq": 1}"#, r#"{"id": 2, "v": "b", "w": "x", "seq": 1}"#]),
+    );
+    sandbox.pipeline(
+        r#"
+pipeline: partial
+checkpoint: ./lake/_checkpoints/partial
+flows:
+  - name: history
+    source:
+      files: { path: ./landing, format: json, schema: "id BIGINT, v STRING, w STRING, seq BIGINT, op STRING" }
+    transform: SELECT id, v, w, seq, op FROM source
+    sink:
+      table: ./lake/history
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'D'"
+      except_columns: [op]
+      scd: 2
+      ignore_null_updates: true
+"#,
+    );
+    sandbox.run_ok();
+    // Two partial updates of key 1 in one batch, the second arriving first;
+    // key 2 deleted and inserted again with a NULL, which nothing fills.
+    sandbox.write(
+        "landing/b.json",
+        jsonl(&[
+            r#"{"id": 1, "v": "z", "seq": 3}"#,
+            r#"{"id": 1, "w": "y", "seq": 2}"#,
+            r#"{"id": 2, "seq": 2, "op": "D"}"#,
+            r#"{"id": 2, "v": "c", "seq": 3}"#,
+        ]),
+    );
+    sandbox.run_ok();
+    let rows = single_value(
+        &sandbox.path("lake/history"),
+        r#"SELECT string_agg(CAST(id AS VARCHAR) || ':' || COALESCE(v, '-') || ':' || COALESCE(w, '-') || ':'
+             || CAST(__start_at AS VARCHAR) || ':' || COALESCE(CAST(__end_at AS VARCHAR), '-'), ' '
+             ORDER BY id, __start_at) AS r FROM t"#,
+    );
+    assert_eq!(rows, "1:a:x:1:2 1:a:y:2:3 1:z:y:3:- 2:b:x:1:2 2:c:-:3:-");
+}
+
+#[test]
 fn a_batch_that_changes_nothing_still_records_its_progress() {
     let sandbox = Sandbox::new();
     let source = sandbox.path("lake/source");
@@ -334,6 +384,93 @@ fn gold_overwrite_follows_silver_in_one_pipeline() {
     sandbox.run_ok();
     let text = query_text(&gold, "SELECT customers, total FROM t");
     assert!(text.contains("| 2         | 35    |"), "{text}");
+}
+
+const CHAIN_PIPELINE: &str = r#"
+pipeline: chain
+checkpoint: ./cp
+flows:
+  - name: bronze
+    source:
+      files: { path: ./in, format: json, schema: "id BIGINT, v STRING, seq BIGINT, op STRING" }
+    transform: SELECT id, v, seq, op FROM source
+    sink: { table: ./lake/bronze }
+  - name: silver
+    source: { delta_changes: { table: "flow:bronze" } }
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'D'"
+      except_columns: [_change_type, _commit_version, _commit_timestamp]
+  - name: gold
+    source: { delta_changes: { table: "flow:silver" } }
+    sink:
+      table: ./lake/gold
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      except_columns: [_change_type, _commit_version, _commit_timestamp]
+  - name: history
+    source: { delta_changes: { table: "flow:bronze" } }
+    sink:
+      table: ./lake/history
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'D'"
+      scd: 2
+      except_columns: [_change_type, _commit_version, _commit_timestamp]
+  - name: silver_feed
+    source: { delta_changes: { table: "flow:silver" } }
+    transform: SELECT id, v, _change_type, _commit_version FROM source
+    sink: { table: ./lake/silver_feed }
+  - name: history_feed
+    source: { delta_changes: { table: "flow:history" } }
+    transform: SELECT id, v, __start_at, __end_at, _change_type, _commit_version FROM source
+    sink: { table: ./lake/history_feed }
+"#;
+
+#[test]
+fn a_merge_target_feeds_the_rows_that_changed_to_the_next_merge() {
+    let sandbox = Sandbox::new();
+    let row =
+        |id: i64, v: &str, seq: i64, op: &str| format!(r#"{{"id": {id}, "v": "{v}", "seq": {seq}, "op": "{op}"}}"#);
+    let first: Vec<String> = (1..=5).map(|id| row(id, &format!("v{id}"), 1, "I")).collect();
+    sandbox.write("in/1.json", jsonl(&first.iter().map(String::as_str).collect::<Vec<_>>()));
+    sandbox.pipeline(CHAIN_PIPELINE);
+    sandbox.run_ok();
+    let second = [row(2, "v2b", 2, "U"), row(3, "", 2, "D"), row(6, "v6", 2, "I")];
+    sandbox.write("in/2.json", jsonl(&second.iter().map(String::as_str).collect::<Vec<_>>()));
+    sandbox.run_ok();
+
+    let rows = "SELECT string_agg(CAST(id AS VARCHAR) || ':' || v, ',' ORDER BY id) AS r FROM t";
+    let (silver, gold) = (sandbox.path("lake/silver"), sandbox.path("lake/gold"));
+    assert_eq!(single_value(&silver, rows), "1:v1,2:v2b,4:v4,5:v5,6:v6");
+    assert_eq!(single_value(&gold, rows), single_value(&silver, rows));
+    // Silver's second commit rewrote the file of ids 1-5, but its feed holds
+    // only what changed, so gold's merge saw three changes, not ten.
+    let info = commit_infos(&gold).pop().unwrap();
+    let counts: Vec<i64> = ["inserted", "updated", "deleted"]
+        .iter()
+        .map(|c| info[&format!("sluice.merge.{c}")].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(counts, vec![1, 1, 1], "{info}");
+    let feed = "SELECT string_agg(CAST(id AS VARCHAR) || ':' || _change_type, ',' ORDER BY id, _change_type) AS r \
+                FROM t WHERE _commit_version = 1";
+    assert_eq!(
+        single_value(&sandbox.path("lake/silver_feed"), feed),
+        "2:update_postimage,2:update_preimage,3:delete,6:insert"
+    );
+    // SCD 2: the versions closed are updates, the versions opened inserts.
+    let feed = "SELECT string_agg(CAST(id AS VARCHAR) || ':' || CAST(__start_at AS VARCHAR) || ':' || \
+                COALESCE(CAST(__end_at AS VARCHAR), '-') || ':' || _change_type, ',' ORDER BY id, __start_at, _change_type) \
+                AS r FROM t WHERE _commit_version = 1";
+    assert_eq!(
+        single_value(&sandbox.path("lake/history_feed"), feed),
+        "2:1:2:update_postimage,2:1:-:update_preimage,2:2:-:insert,3:1:2:update_postimage,3:1:-:update_preimage,6:2:-:insert"
+    );
 }
 
 #[test]

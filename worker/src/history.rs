@@ -26,6 +26,7 @@ use futures::StreamExt;
 use sluice_proto::spec::MergeSpec;
 use sluice_proto::task::MergeCounts;
 
+use crate::change_data;
 use crate::conform::conform_batch;
 use crate::error::WorkerError;
 use crate::merge::{
@@ -109,13 +110,22 @@ pub(crate) async fn merge_history(
     }
 
     let events = Events::gather(&all, &deletes, &history, spec, &order, table_schema)?;
-    let versions = events.versions(&order, &tracked_columns(spec, &data_schema(table_schema)), &mut counts)?;
+    let versions = events.versions(spec, &order, &tracked_columns(spec, &data_schema(table_schema)), &mut counts)?;
     if versions.num_rows() > 0 {
         rows_written += versions.num_rows() as u64;
         writer.write(&versions).await?;
     }
     let adds = writer.close().await?;
-    Ok(MergeOutput { adds, removes, counts, rows_written })
+    let cdc = if target.change_data && !removes.is_empty() {
+        // A version is a key's row opened at a `__start_at`.
+        let mut identity = spec.clone();
+        identity.keys.push(START_AT.to_string());
+        let identity = RowOrder::new(&identity, table_schema)?;
+        change_data::write(target.store.clone(), table_schema, &identity, &history, &[versions]).await?
+    } else {
+        Vec::new()
+    };
+    Ok(MergeOutput { adds, removes, cdc, counts, rows_written })
 }
 
 /// The changes of the batch's keys, the table's and the batch's, one row each.
@@ -178,6 +188,7 @@ impl Events {
     /// Every version of every key, sorted by key and `__start_at`.
     fn versions(
         &self,
+        spec: &MergeSpec,
         order: &RowOrder,
         tracked: &[String],
         counts: &mut MergeCounts,
@@ -186,12 +197,25 @@ impl Events {
         let sequences = sequence_converter(self.sequence.data_type())?
             .convert_columns(std::slice::from_ref(&self.sequence))
             .map_err(transform_error)?;
-        let tracked = tracked_rows(&self.data, tracked)?;
         let mut events: Vec<usize> = (0..self.data.num_rows()).collect();
         // By key, then sequence; on a tie the table's change first, then the batch's in feed order.
         events.sort_by(|&a, &b| {
             keys.row(a).cmp(&keys.row(b)).then_with(|| sequences.row(a).cmp(&sequences.row(b))).then(a.cmp(&b))
         });
+        let replaced = |position: usize| {
+            let event = events[position];
+            events
+                .get(position + 1)
+                .is_some_and(|&next| keys.row(next) == keys.row(event) && sequences.row(next) == sequences.row(event))
+        };
+        let data = if spec.ignore_null_updates {
+            let mut kept = spec.keys.clone();
+            kept.push(spec.sequence_by.clone());
+            self.fill_nulls(&events, &keys, &replaced, &kept)?
+        } else {
+            self.data.clone()
+        };
+        let tracked = tracked_rows(&data, tracked)?;
 
         // Versions as indices of events: the one holding its values, the one
         // that opened it, the one that closed it.
@@ -204,11 +228,8 @@ impl Events {
                 versions.push((value, start, None));
             }
             // A later change of the same key and sequence replaces this one.
-            let replaced = events
-                .get(position + 1)
-                .is_some_and(|&next| keys.row(next) == keys.row(event) && sequences.row(next) == sequences.row(event));
             let from_batch = self.from_batch[event];
-            if replaced {
+            if replaced(position) {
                 counts.ignored += u64::from(from_batch);
                 continue;
             }
@@ -257,11 +278,52 @@ impl Events {
             .map(|field| match field.name().as_str() {
                 START_AT => take(&self.sequence, &starts),
                 END_AT => take(&self.sequence, &ends),
-                name => take(self.data.column_by_name(name).ok_or_else(|| merge_error("no column"))?, &values),
+                name => take(data.column_by_name(name).ok_or_else(|| merge_error("no column"))?, &values),
             })
             .collect::<Result<_, _>>()?;
         let batch = RecordBatch::try_new(self.table_schema.clone(), columns).map_err(transform_error)?;
         conform_batch(&batch, &self.table_schema).map_err(|e| merge_error(e.to_string()))
+    }
+}
+
+impl Events {
+    /// `ignore_null_updates`: a NULL in one of the batch's changes keeps the
+    /// value the key held before it, in sequence order (none after a delete).
+    /// `events` are sorted by key and sequence; `kept` columns are left as they are.
+    fn fill_nulls(
+        &self,
+        events: &[usize],
+        keys: &Rows,
+        replaced: &dyn Fn(usize) -> bool,
+        kept: &[String],
+    ) -> Result<RecordBatch, WorkerError> {
+        let mut columns = Vec::with_capacity(self.data.num_columns());
+        for (field, column) in self.data.schema().fields().iter().zip(self.data.columns()) {
+            if kept.contains(field.name()) || column.null_count() == 0 {
+                columns.push(column.clone());
+                continue;
+            }
+            let mut source: Vec<u64> = (0..column.len() as u64).collect();
+            // The event holding the key's value of this column.
+            let mut holder: Option<usize> = None;
+            for (position, &event) in events.iter().enumerate() {
+                if position == 0 || keys.row(events[position - 1]) != keys.row(event) {
+                    holder = None;
+                }
+                if replaced(position) {
+                    continue;
+                }
+                if self.delete[event] {
+                    holder = None;
+                } else if let Some(held) = holder.filter(|_| self.from_batch[event] && column.is_null(event)) {
+                    source[event] = held as u64;
+                } else {
+                    holder = Some(event);
+                }
+            }
+            columns.push(arrow::compute::take(column, &UInt64Array::from(source), None).map_err(transform_error)?);
+        }
+        RecordBatch::try_new(self.data.schema(), columns).map_err(transform_error)
     }
 }
 

@@ -11,6 +11,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod change_data;
 #[cfg(feature = "cluster")]
 pub mod cluster_cli;
 pub mod conform;

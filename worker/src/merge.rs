@@ -30,7 +30,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
 use deltalake::DeltaTable;
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
-use deltalake::kernel::{Add, Remove};
+use deltalake::kernel::{Add, AddCDCFile, Remove};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
@@ -41,6 +41,7 @@ use sluice_proto::spec::MergeSpec;
 use sluice_proto::task::MergeCounts;
 use url::Url;
 
+use crate::change_data;
 use crate::conform::conform_batch;
 use crate::delta_source::{CHANGE_TYPE, FileBounds, file_bounds, open_table};
 use crate::error::WorkerError;
@@ -55,6 +56,8 @@ const READ_CONCURRENCY: usize = 4;
 pub struct MergeOutput {
     pub adds: Vec<Add>,
     pub removes: Vec<Remove>,
+    /// Change data files (see [`crate::change_data`]).
+    pub cdc: Vec<AddCDCFile>,
     pub counts: MergeCounts,
     /// Rows written: the batch's upserts plus the rows kept from rewritten files.
     pub rows_written: u64,
@@ -169,7 +172,7 @@ pub async fn merge_changes(
             let rows = order.key_rows(&batch)?;
             let keep: BooleanArray = rows.iter().map(|row| Some(!replaced.contains(row.as_ref()))).collect();
             let kept = filter_record_batch(&batch, &keep).map_err(transform_error)?;
-            if spec.ignore_null_updates && kept.num_rows() < batch.num_rows() {
+            if (spec.ignore_null_updates || target.change_data) && kept.num_rows() < batch.num_rows() {
                 let gone =
                     filter_record_batch(&batch, &not(&keep).map_err(transform_error)?).map_err(transform_error)?;
                 replaced_rows.push(conform_batch(&gone, table_schema).map_err(|e| merge_error(e.to_string()))?);
@@ -197,7 +200,12 @@ pub async fn merge_changes(
         writer.write(&upserts).await?;
     }
     let adds = writer.close().await?;
-    Ok(MergeOutput { adds, removes, counts, rows_written })
+    let cdc = if target.change_data && !removes.is_empty() {
+        change_data::write(target.store.clone(), table_schema, &order, &replaced_rows, &[upserts]).await?
+    } else {
+        Vec::new()
+    };
+    Ok(MergeOutput { adds, removes, cdc, counts, rows_written })
 }
 
 /// `ignore_null_updates`: a NULL in an update keeps the value the table held.
@@ -231,6 +239,9 @@ fn keep_values_of_nulls(
 pub(crate) struct Target {
     pub table: Option<DeltaTable>,
     pub store: Arc<dyn ObjectStore>,
+    /// The table records its change data feed: a merge that rewrites files
+    /// writes change data files.
+    pub change_data: bool,
 }
 
 impl Target {
@@ -243,7 +254,8 @@ impl Target {
             Some(table) => table.object_store(),
             None => deltalake::DeltaTableBuilder::from_url(table_url.clone())?.build()?.object_store(),
         };
-        Ok(Self { table, store })
+        let change_data = table.as_ref().is_some_and(change_data::enabled);
+        Ok(Self { table, store, change_data })
     }
 }
 
@@ -281,7 +293,7 @@ pub(crate) struct RowOrder {
 }
 
 impl RowOrder {
-    fn new(spec: &MergeSpec, schema: &Schema) -> Result<Self, WorkerError> {
+    pub(crate) fn new(spec: &MergeSpec, schema: &Schema) -> Result<Self, WorkerError> {
         let type_of = |name: &str| {
             schema.field_with_name(name).map(|f| f.data_type().clone()).map_err(|e| merge_error(e.to_string()))
         };

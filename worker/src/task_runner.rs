@@ -116,6 +116,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
             Ok(TaskResult {
                 adds: to_values(&written.adds)?,
                 removes: to_values(&written.removes)?,
+                cdc: to_values(&written.cdc)?,
                 rows: written.rows,
                 files,
                 bytes_read: bytes,
@@ -321,6 +322,7 @@ async fn new_columns(
 struct Written {
     adds: Vec<deltalake::kernel::Add>,
     removes: Vec<deltalake::kernel::Remove>,
+    cdc: Vec<deltalake::kernel::AddCDCFile>,
     rows: u64,
     merge: Option<MergeCounts>,
 }
@@ -345,6 +347,7 @@ async fn write_output(
         return Ok(Written {
             adds: output.adds,
             removes: output.removes,
+            cdc: output.cdc,
             rows: output.rows_written,
             merge: Some(output.counts),
         });
@@ -361,7 +364,9 @@ async fn write_output(
     );
     let mut writer = DeltaWriter::new(table.object_store(), config);
     match drain(&mut stream, &mut writer, table_schema).await {
-        Ok(rows) => Ok(Written { adds: writer.close().await?, removes: Vec::new(), rows, merge: None }),
+        Ok(rows) => {
+            Ok(Written { adds: writer.close().await?, removes: Vec::new(), cdc: Vec::new(), rows, merge: None })
+        }
         Err(error) => {
             // Files already closed stay behind unreferenced; the table never sees them.
             let _ = writer.abort().await;

@@ -126,6 +126,7 @@ async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
         batch: 1,
         adds: output.adds,
         removes: output.removes,
+        cdc: output.cdc,
         kind: CommitKind::Merge,
         computed_on: Some(version),
         follows: None,
