@@ -24,7 +24,7 @@ use sluice_proto::spec::{Expectation, OnViolation};
 use sluice_proto::task::ExpectationCount;
 
 use crate::metadata::METADATA_COLUMN;
-use crate::quarantine::{Collector, Entry, KIND_EXPECTATION, collect};
+use crate::quarantine::{Collector, Entry, KIND_EXPECTATION, collect, rows_as_json};
 use crate::transform::session_context;
 
 /// Failing rows shown in the error of a `fail` expectation.
@@ -194,17 +194,6 @@ fn fail_message(spec: &Expectation, batch: &RecordBatch, failed: &BooleanArray, 
         "expectation `{}` (`{}`) failed on {count} row(s) of this batch, and it is set to `fail`; nothing was committed. Failing rows:\n  {sample}",
         spec.name, spec.expr
     )
-}
-
-/// Each row of `batch` as a line of JSON.
-fn rows_as_json(batch: &RecordBatch) -> Result<Vec<Vec<u8>>, arrow::error::ArrowError> {
-    let mut out = Vec::new();
-    {
-        let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
-        writer.write(batch)?;
-        writer.finish()?;
-    }
-    Ok(out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
 }
 
 /// The `_metadata.file_path` of each row, when the output kept `_metadata`.

@@ -32,6 +32,7 @@ use sluice_proto::task::SourceFile;
 use crate::conform;
 use crate::conform::conform_batch;
 use crate::error::ReadError;
+use crate::quarantine::rows_as_json;
 use crate::rescue;
 use crate::storage::{parse_url, store_for};
 use crate::text::{BadRecord, TextError, TextFormat, TextReader};
@@ -240,13 +241,9 @@ impl FileDecoder {
         if self.evolution == SchemaEvolution::Rescue {
             return rescue::misfit_values(&misfits.batch, &misfits.columns, &self.file.url);
         }
-        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-        writer.write(&filter_record_batch(&batch, &misfits.rows)?)?;
-        writer.finish()?;
-        let raw = Bytes::from(writer.into_inner());
-        let mut lines = raw.split(|b| *b == b'\n').filter(|line| !line.is_empty());
-        let rows = misfits.rows.values().set_indices();
-        for (row, line) in rows.zip(lines.by_ref()) {
+        let raw = rows_as_json(&filter_record_batch(&batch, &misfits.rows)?)?;
+        for (row, raw) in misfits.rows.values().set_indices().zip(raw) {
+            let line = first_row + row as u64 + 1;
             let error = misfits
                 .columns
                 .iter()
@@ -255,14 +252,11 @@ impl FileDecoder {
                     let value = array_value_to_string(values, row).unwrap_or_default();
                     let wanted =
                         self.schema.field_with_name(name).map(|f| f.data_type().to_string()).unwrap_or_default();
-                    format!(
-                        "column `{name}`: {value} does not fit {wanted} (row {} of the file)",
-                        first_row + row as u64 + 1
-                    )
+                    format!("column `{name}`: {value} does not fit {wanted} (row {line} of the file)")
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            self.parquet_bad.push(BadRecord { line: first_row + row as u64 + 1, raw: raw.slice_ref(line), error });
+            self.parquet_bad.push(BadRecord { line, raw: Bytes::from(raw), error });
         }
         filter_record_batch(&misfits.batch, &arrow::compute::not(&misfits.rows)?)
     }

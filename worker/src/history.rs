@@ -284,9 +284,7 @@ impl Events {
         let batch = RecordBatch::try_new(self.table_schema.clone(), columns).map_err(transform_error)?;
         conform_batch(&batch, &self.table_schema).map_err(|e| merge_error(e.to_string()))
     }
-}
 
-impl Events {
     /// `ignore_null_updates`: a NULL in one of the batch's changes keeps the
     /// value the key held before it, in sequence order (none after a delete).
     /// `events` are sorted by key and sequence; `kept` columns are left as they are.

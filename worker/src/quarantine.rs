@@ -61,6 +61,19 @@ impl Entry {
 /// What a task quarantines, shared by its reading and writing sides.
 pub type Collector = Arc<Mutex<Vec<Entry>>>;
 
+/// Each row of `batch` as a line of JSON: how a row that is not a line of a
+/// file (an expectation's, a Parquet file's) is kept in the quarantine, and
+/// how rescued columns are read into `_rescued_data`.
+pub fn rows_as_json(batch: &RecordBatch) -> Result<Vec<Vec<u8>>, arrow::error::ArrowError> {
+    let mut out = Vec::new();
+    {
+        let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+        writer.write(batch)?;
+        writer.finish()?;
+    }
+    Ok(out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
+}
+
 /// Adds `entries` to the collector.
 pub fn collect(collector: &Collector, entries: impl IntoIterator<Item = Entry>) {
     collector.lock().unwrap_or_else(|e| e.into_inner()).extend(entries);

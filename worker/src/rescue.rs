@@ -19,6 +19,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use sluice_proto::spec::{Format, RESCUED_DATA};
 
+use crate::quarantine::rows_as_json;
 use crate::text::{TextFormat, decode_group};
 
 /// The key of `_rescued_data` that names the source file.
@@ -162,13 +163,9 @@ fn rescued_column(batch: &RecordBatch, moved: &[(String, ArrayRef)], file: &str)
         vec![Map::new(); batch.num_rows()]
     } else {
         let projected = RecordBatch::try_from_iter(moved.iter().cloned())?;
-        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-        writer.write(&projected)?;
-        writer.finish()?;
-        let text = writer.into_inner();
-        text.split(|b| *b == b'\n')
-            .filter(|line| !line.is_empty())
-            .map(|line| match serde_json::from_slice::<Value>(line) {
+        rows_as_json(&projected)?
+            .into_iter()
+            .map(|line| match serde_json::from_slice::<Value>(&line) {
                 Ok(Value::Object(object)) => Ok(object),
                 _ => Err(ArrowError::JsonError("cannot encode rescued columns".to_string())),
             })

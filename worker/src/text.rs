@@ -57,21 +57,23 @@ pub struct TextFormat {
 // One per file being read: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum TextDecoder {
-    Json(arrow::json::reader::Decoder),
+    /// Decodes into [`TextFormat::json_decoder`]'s schema; flushed batches
+    /// are converted to this one (integers parsed exactly).
+    Json(arrow::json::reader::Decoder, SchemaRef),
     Csv(arrow::csv::reader::Decoder),
 }
 
 impl TextDecoder {
     fn decode(&mut self, buf: &[u8]) -> Result<usize, ArrowError> {
         match self {
-            TextDecoder::Json(d) => d.decode(buf),
+            TextDecoder::Json(d, _) => d.decode(buf),
             TextDecoder::Csv(d) => d.decode(buf),
         }
     }
 
     fn flush(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
         match self {
-            TextDecoder::Json(d) => d.flush(),
+            TextDecoder::Json(d, schema) => d.flush()?.map(|b| exact_ints::convert_strictly(b, schema)).transpose(),
             TextDecoder::Csv(d) => d.flush(),
         }
     }
@@ -117,7 +119,7 @@ impl TextFormat {
                 }
                 TextDecoder::Csv(builder.build_decoder())
             }
-            _ => TextDecoder::Json(self.json_decoder(batch_rows, false)?),
+            _ => TextDecoder::Json(self.json_decoder(batch_rows, false)?, self.schema.clone()),
         })
     }
 }
@@ -485,15 +487,12 @@ pub(crate) fn decode_group(
                 return Err(ArrowError::JsonError("the line holds more than one record".to_string()));
             }
         }
-        if let TextDecoder::Json(json) = &decoder
+        if let TextDecoder::Json(json, _) = &decoder
             && json.has_partial_record()
         {
             return Err(ArrowError::JsonError("the line is not one complete JSON object".to_string()));
         }
-        let mut batch = decoder.flush()?;
-        if format.is_json() {
-            batch = batch.map(|batch| exact_ints::convert_strictly(batch, &format.schema)).transpose()?;
-        }
+        let batch = decoder.flush()?;
         if batch.as_ref().map_or(0, RecordBatch::num_rows) != lines.len() {
             return Err(ArrowError::JsonError("the lines do not hold one record each".to_string()));
         }
