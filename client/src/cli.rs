@@ -35,6 +35,9 @@ struct Cli {
     /// Coordinator address(es) of a cluster, comma-separated; the first that answers is used.
     #[arg(long, env = "SLUICE_COORDINATOR", default_value = crate::remote::DEFAULT_COORDINATOR, global = true)]
     coordinator: String,
+    /// Bearer token for a cluster whose coordinators require one (`--auth-token-file`).
+    #[arg(long, env = "SLUICE_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +60,9 @@ enum Command {
         /// Concurrent tasks (worker slots); the number of cores by default.
         #[arg(long, env = "SLUICE_SLOTS")]
         slots: Option<usize>,
+        /// Serve Prometheus metrics (`GET /metrics`) on this address while running.
+        #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Check a pipeline file (keys, values, schema, transform SQL) without running it.
     Validate {
@@ -99,20 +105,26 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_format);
     match cli.command {
-        Command::Run { pipeline, json, slots } => {
+        Command::Run { pipeline, json, slots, metrics_listen } => {
             let Some(spec) = load_spec(&pipeline) else { return ExitCode::from(2) };
             let mut options = EmbeddedOptions::default();
             if let Some(slots) = slots {
                 options.slots = slots;
             }
-            run(&spec, options, json)
+            run(&spec, options, json, metrics_listen)
         }
         Command::Validate { pipeline } => {
             let Some(spec) = load_spec(&pipeline) else { return ExitCode::from(2) };
             validate(&spec)
         }
         command => {
-            let remote = Remote::new(&cli.coordinator);
+            let remote = match Remote::new(&cli.coordinator).with_token(cli.token.as_deref()) {
+                Ok(remote) => remote,
+                Err(e) => {
+                    eprintln!("error: --token: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = match coordinator_runtime() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -285,7 +297,7 @@ fn coordinator_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("sluice-coordinator").enable_all().build()
 }
 
-fn run(spec: &PipelineSpec, options: EmbeddedOptions, json: bool) -> ExitCode {
+fn run(spec: &PipelineSpec, options: EmbeddedOptions, json: bool, metrics: Option<std::net::SocketAddr>) -> ExitCode {
     let (runtime, embedded) = match (coordinator_runtime(), Embedded::start(options)) {
         (Ok(runtime), Ok(embedded)) => (runtime, embedded),
         (Err(e), _) | (_, Err(e)) => {
@@ -293,6 +305,12 @@ fn run(spec: &PipelineSpec, options: EmbeddedOptions, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(address) = metrics
+        && let Err(e) = runtime.block_on(async { sluice_worker::telemetry::serve_metrics(address) })
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(stop_on_signals(cancel.clone(), spec.trigger));
@@ -388,6 +406,10 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
     };
     println!("pipeline {}: {} flow(s), checkpoint {}", spec.name, spec.flows.len(), spec.checkpoint);
     let mut valid = true;
+    if let Err(e) = sluice_coordinator::pipeline_runner::preflight(spec) {
+        valid = false;
+        eprintln!("error: {e}");
+    }
     for flow in &spec.flows {
         let source = match &flow.source {
             SourceSpec::Files(files) => files,

@@ -61,7 +61,13 @@ impl Embedded {
         let worker = self.workers.spawn(run_worker(
             kv.clone(),
             keys.clone(),
-            WorkerOptions { id: format!("embedded-{}", std::process::id()), slots: self.slots, timings },
+            // The run is over when the workers stop: nothing is left to drain.
+            WorkerOptions {
+                id: format!("embedded-{}", std::process::id()),
+                slots: self.slots,
+                timings,
+                drain_timeout: std::time::Duration::ZERO,
+            },
             worker_shutdown.clone(),
         ));
         let parallelism = Arc::new(AtomicUsize::new(self.slots));

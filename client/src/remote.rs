@@ -62,7 +62,23 @@ fn short_reason(message: &str) -> String {
 #[derive(Clone)]
 pub struct Remote {
     urls: Vec<String>,
+    auth: Auth,
 }
+
+/// Sends `authorization: Bearer <token>` with every call when a token is set.
+#[derive(Clone, Default)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = SluiceClient<tonic::codegen::InterceptedService<Channel, Auth>>;
 
 impl Remote {
     /// `urls`: comma-separated coordinator addresses (`http://host:7070`).
@@ -73,14 +89,26 @@ impl Remote {
             .filter(|u| !u.is_empty())
             .map(|u| if u.contains("://") { u.to_string() } else { format!("http://{u}") })
             .collect();
-        Self { urls }
+        Self { urls, auth: Auth::default() }
+    }
+
+    /// Authenticates every call with this bearer token (a coordinator started
+    /// with `--auth-token-file` requires one).
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, String> {
+        self.auth = match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Auth(None),
+            Some(token) => Auth(Some(
+                format!("Bearer {token}").parse().map_err(|_| "the token has characters a header cannot carry")?,
+            )),
+        };
+        Ok(self)
     }
 
     /// Connects to the first coordinator that answers.
-    async fn client(&self) -> Result<SluiceClient<Channel>, ClientError> {
+    async fn client(&self) -> Result<Client, ClientError> {
         let mut reasons = Vec::new();
         for url in &self.urls {
-            match connect(url).await {
+            match connect(url, &self.auth).await {
                 Ok(client) => return Ok(client),
                 Err(reason) => reasons.push(reason),
             }
@@ -93,12 +121,12 @@ impl Remote {
     /// one when a coordinator cannot be reached or cannot reach etcd.
     async fn call<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(SluiceClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut last = None;
         for url in &self.urls {
-            let client = match connect(url).await {
+            let client = match connect(url, &self.auth).await {
                 Ok(client) => client,
                 Err(reason) => {
                     last = Some(ClientError::Unreachable { urls: url.clone(), reason });
@@ -213,13 +241,13 @@ impl Remote {
 }
 
 /// Connects to one coordinator; the error is the reason, ready for [`ClientError::Unreachable`].
-async fn connect(url: &str) -> Result<SluiceClient<Channel>, String> {
+async fn connect(url: &str, auth: &Auth) -> Result<Client, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: invalid address ({e})"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
     let channel = endpoint.connect().await.map_err(|e| short_reason(&error_chain(&e)))?;
-    Ok(SluiceClient::new(channel))
+    Ok(SluiceClient::with_interceptor(channel, auth.clone()))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -20,6 +20,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::SourceFile;
 use sluice_worker::storage::store_for;
 use url::Url;
@@ -73,19 +74,21 @@ pub struct SchemaRecord {
 
 pub struct Checkpoint {
     store: Arc<dyn ObjectStore>,
+    storage: StorageOptions,
     root: Path,
     url: Url,
 }
 
 impl Checkpoint {
-    pub fn open(url: &Url) -> Result<Self, CoordinatorError> {
-        let (store, root) = store_for(url)
+    pub fn open(url: &Url, storage: &StorageOptions) -> Result<Self, CoordinatorError> {
+        let (store, root) = store_for(url, storage)
             .map_err(|e| CoordinatorError::Checkpoint { location: url.to_string(), message: e.to_string() })?;
-        Ok(Self { store, root, url: url.clone() })
+        Ok(Self { store, storage: storage.clone(), root, url: url.clone() })
     }
 
     fn error(&self, message: impl std::fmt::Display) -> CoordinatorError {
-        CoordinatorError::Checkpoint { location: self.url.to_string(), message: message.to_string() }
+        let message = sluice_worker::storage::redacted(&message.to_string(), &self.storage);
+        CoordinatorError::Checkpoint { location: self.url.to_string(), message }
     }
 
     fn path(&self, flow: &str, kind: &str, number: u64) -> Path {

@@ -20,8 +20,10 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, AddCDCFile, MetadataExt, Remove, StructType, Transaction};
 use deltalake::operations::create::CreateBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError};
+use sluice_proto::storage::StorageOptions;
 use sluice_worker::storage::ensure_local_dir;
+use sluice_worker::storage::{delta_options, table_builder};
 use tracing::{info, warn};
 use url::Url;
 
@@ -30,6 +32,8 @@ const MAX_ATTEMPTS: u32 = 12;
 
 pub struct BatchCommit {
     pub table_url: Url,
+    /// The object-store options of the pipeline's locations.
+    pub storage: StorageOptions,
     pub app_id: String,
     pub batch: u64,
     pub adds: Vec<Add>,
@@ -73,11 +77,11 @@ pub enum CommitOutcome {
 }
 
 /// Loads the table, or `None` if there is no Delta table at the URL yet.
-pub async fn load_table(url: &Url) -> Result<Option<DeltaTable>, DeltaTableError> {
+pub async fn load_table(url: &Url, storage: &StorageOptions) -> Result<Option<DeltaTable>, DeltaTableError> {
     if url.scheme() == "file" && url.to_file_path().is_ok_and(|p| !p.exists()) {
         return Ok(None);
     }
-    let mut table = DeltaTableBuilder::from_url(url.clone())?.build()?;
+    let mut table = table_builder(url, storage).map_err(|e| DeltaTableError::Generic(e.to_string()))?.build()?;
     if !table.verify_deltatable_existence().await? {
         return Ok(None);
     }
@@ -97,7 +101,7 @@ pub async fn commit_batch(request: &BatchCommit) -> Result<CommitOutcome, DeltaT
         if attempt > 1 {
             tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
         }
-        let result = match load_table(&request.table_url).await {
+        let result = match load_table(&request.table_url, &request.storage).await {
             Ok(Some(table)) => append(&table, request).await,
             Ok(None) if matches!(request.computed_on, Some(Some(_))) => Err(AttemptError::Moved(
                 "the table the batch was computed from is gone; the batch must be computed again".to_string(),
@@ -203,8 +207,11 @@ async fn append(table: &DeltaTable, request: &BatchCommit) -> Result<CommitOutco
 async fn create_with_batch(request: &BatchCommit) -> Result<CommitOutcome, DeltaTableError> {
     let mut configuration: BTreeMap<String, String> = request.properties.clone();
     configuration.entry("delta.enableChangeDataFeed".to_string()).or_insert_with(|| "true".to_string());
+    let options =
+        delta_options(&request.table_url, &request.storage).map_err(|e| DeltaTableError::Generic(e.to_string()))?;
     let table = CreateBuilder::new()
         .with_location(request.table_url.as_str())
+        .with_storage_options(options)
         .with_columns(request.schema.fields().cloned())
         .with_partition_columns(request.partition_by.clone())
         .with_configuration(configuration.into_iter().map(|(k, v)| (k, Some(v))))

@@ -80,7 +80,7 @@ impl DeltaFlowRunner {
     /// The source table, or `None` when it is another flow's sink that does not exist yet.
     async fn open_source(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
         let table = &self.table;
-        let loaded = load_table(&table.url).await.map_err(|e| self.source_error(e.to_string()))?;
+        let loaded = load_table(&table.url, &self.ctx.storage).await.map_err(|e| self.source_error(e.to_string()))?;
         match (loaded, &table.upstream) {
             (Some(source), _) => Ok(Some(source)),
             (None, Some(upstream)) => {
@@ -114,6 +114,10 @@ impl DeltaFlowRunner {
                     Some(last) => last + 1,
                     None => self.first_version(source, spec, latest).await?,
                 };
+                // The versions not consumed yet, for the backlog metric.
+                let labels = [("pipeline", self.ctx.pipeline.clone()), ("flow", self.flow().to_string())];
+                let backlog = (latest + 1).saturating_sub(start);
+                metrics::gauge!(sluice_worker::telemetry::BACKLOG_VERSIONS, &labels).set(backlog as f64);
                 if start > latest {
                     return Ok(None);
                 }
@@ -292,6 +296,7 @@ impl DeltaFlowRunner {
                 schema_evolution: Default::default(),
                 expectations: self.ctx.flow.expectations.clone(),
                 quarantine_url: self.ctx.flow.quarantine.to_string(),
+                storage: self.ctx.storage.clone(),
             })
             .collect();
         let (first, last) = match planned.kind {

@@ -11,23 +11,31 @@ use std::collections::HashMap;
 use futures::TryStreamExt;
 use globset::GlobMatcher;
 use sluice_proto::spec::FilesSource;
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::SourceFile;
-use sluice_worker::storage::{store_for, url_of};
+use sluice_worker::storage::{redacted, store_for, url_of};
 
 use crate::error::CoordinatorError;
 
 /// Lists the files of the source, oldest first (then by path).
-pub async fn list_source(flow: &str, source: &FilesSource) -> Result<Vec<SourceFile>, CoordinatorError> {
+pub async fn list_source(
+    flow: &str,
+    source: &FilesSource,
+    storage: &StorageOptions,
+) -> Result<Vec<SourceFile>, CoordinatorError> {
     let location = source.location.to_string();
-    let listing_error =
-        |message: String| CoordinatorError::SourceListing { flow: flow.to_string(), path: location.clone(), message };
+    let listing_error = |message: String| CoordinatorError::SourceListing {
+        flow: flow.to_string(),
+        path: location.clone(),
+        message: redacted(&message, storage),
+    };
     if source.location.scheme() == "file" {
         let exists = source.location.to_file_path().is_ok_and(|p| p.is_dir());
         if !exists {
             return Err(CoordinatorError::SourceMissing { flow: flow.to_string(), path: location });
         }
     }
-    let (store, prefix) = store_for(&source.location).map_err(|e| listing_error(e.to_string()))?;
+    let (store, prefix) = store_for(&source.location, storage).map_err(|e| listing_error(e.to_string()))?;
     let matcher: Option<GlobMatcher> = match &source.glob {
         Some(glob) => Some(globset::Glob::new(glob).map_err(|e| listing_error(e.to_string()))?.compile_matcher()),
         None => None,

@@ -14,6 +14,8 @@ pub enum CoordinatorError {
     Source { flow: String, table: String, message: String },
     #[error("{error}; the flows that read from it did not run: {}", skipped.join(", "))]
     DependentsSkipped { error: Box<CoordinatorError>, skipped: Vec<String> },
+    #[error("{location}: {message}")]
+    Storage { location: String, message: String },
     #[error("checkpoint {location}: {message}")]
     Checkpoint { location: String, message: String },
     #[error("flow `{flow}`: {message}")]
@@ -43,6 +45,7 @@ impl CoordinatorError {
             CoordinatorError::Delta { .. } | CoordinatorError::SourceListing { .. } => true,
             CoordinatorError::BatchFailed { retryable, .. } => *retryable,
             CoordinatorError::SourceMissing { .. } | CoordinatorError::Schema { .. } => false,
+            CoordinatorError::Storage { .. } => false,
             CoordinatorError::Source { .. } => false,
             CoordinatorError::DependentsSkipped { error, .. } => error.is_retryable(),
             CoordinatorError::Fenced { retryable, .. } => *retryable,

@@ -20,6 +20,7 @@ use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::schema_ddl::to_ddl;
 use sluice_proto::spec::{FilesSource, FlowSpec, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::{
     MergeCounts, MergeTask, NewColumns, Quality, SourceFile, TaskFailure, TaskId, TaskOutcome, TaskResult, TaskSpec,
 };
@@ -71,6 +72,8 @@ pub const MAX_TASK_ATTEMPTS: u32 = 3;
 pub struct FlowContext {
     pub pipeline: String,
     pub flow: FlowSpec,
+    /// The object-store options of the pipeline's locations.
+    pub storage: StorageOptions,
     pub checkpoint: Arc<Checkpoint>,
     pub kv: Arc<dyn KvStore>,
     pub keys: Keys,
@@ -127,7 +130,7 @@ impl FlowRunner {
             }
         };
         let source = self.source.clone();
-        let listed = list_source(self.flow(), &source).await?;
+        let listed = list_source(self.flow(), &source, &self.ctx.storage).await?;
         if let Some(plan) = state.pending.take()
             && let Some(plan) = self.refresh_pending_plan(plan, &listed).await?
         {
@@ -304,9 +307,10 @@ impl FlowRunner {
         let (schema, origin) = match &declared {
             Some(schema) => (schema.clone(), "declared"),
             None => {
-                let inferred = infer_schema(&plan.files, source.format, &source.csv, source.schema_sample)
-                    .await
-                    .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
+                let inferred =
+                    infer_schema(&plan.files, source.format, &source.csv, source.schema_sample, &self.ctx.storage)
+                        .await
+                        .map_err(|e| CoordinatorError::Worker { flow: self.flow().to_string(), source: e.into() })?;
                 if inferred.fields().is_empty() {
                     return Ok(None);
                 }
@@ -482,6 +486,7 @@ impl FlowRunner {
                 schema_evolution: source.schema_evolution,
                 expectations: self.ctx.flow.expectations.clone(),
                 quarantine_url: self.ctx.flow.quarantine.to_string(),
+                storage: self.ctx.storage.clone(),
             })
             .collect()
     }
@@ -590,7 +595,7 @@ impl FlowContext {
 
     /// The sink table as it is now, if it exists.
     pub(crate) async fn target(&self) -> Result<Option<DeltaTable>, CoordinatorError> {
-        load_table(&self.flow.sink.table).await.map_err(|e| self.delta_error(e))
+        load_table(&self.flow.sink.table, &self.storage).await.map_err(|e| self.delta_error(e))
     }
 
     /// The highest batch (txn version) of this flow in `target`.
@@ -731,6 +736,7 @@ impl FlowContext {
         };
         let request = BatchCommit {
             table_url: self.flow.sink.table.clone(),
+            storage: self.storage.clone(),
             app_id: self.flow.app_id(&self.pipeline),
             batch,
             adds,
@@ -763,6 +769,7 @@ impl FlowContext {
         let flow = self.flow_name().to_string();
         let request = BatchCommit {
             table_url: self.flow.quarantine.clone(),
+            storage: self.storage.clone(),
             app_id: self.flow.app_id(&self.pipeline),
             batch,
             adds,
@@ -784,12 +791,16 @@ impl FlowContext {
     /// Commits `request` if this process still holds the right to commit.
     async fn fenced_commit(&self, request: &BatchCommit) -> Result<CommitOutcome, CoordinatorError> {
         self.wait_for_fence(request.batch).await?;
-        commit_batch(request).await.map_err(|e| CoordinatorError::CommitFailed {
+        let started = Instant::now();
+        let outcome = commit_batch(request).await.map_err(|e| CoordinatorError::CommitFailed {
             flow: self.flow_name().to_string(),
             batch: request.batch,
             table: request.table_url.to_string(),
-            message: e.to_string(),
-        })
+            message: sluice_worker::storage::redacted(&e.to_string(), &self.storage),
+        });
+        let labels = [("pipeline", self.pipeline.clone()), ("flow", self.flow_name().to_string())];
+        metrics::histogram!(sluice_worker::telemetry::COMMIT_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+        outcome
     }
 
     /// The txn version a batch commits with: its own number, or for a watermark

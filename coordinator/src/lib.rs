@@ -17,6 +17,7 @@ pub mod commit;
 pub mod delta_flow;
 pub mod discovery;
 pub mod error;
+pub mod event_log;
 pub mod flow_runner;
 pub mod pipeline_runner;
 pub mod planner;

@@ -22,6 +22,7 @@ use tracing::info;
 use crate::checkpoint::Checkpoint;
 use crate::delta_flow::DeltaFlowRunner;
 use crate::error::CoordinatorError;
+use crate::event_log::{Event, EventLog};
 use crate::flow_runner::{CommitFence, FlowContext, FlowRunner};
 use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
 
@@ -81,7 +82,9 @@ async fn run_rounds(
     cancel: &CancellationToken,
     summaries: &mut [FlowSummary],
 ) -> Result<(), CoordinatorError> {
-    let checkpoint = Arc::new(Checkpoint::open(&spec.checkpoint)?);
+    preflight(spec)?;
+    let checkpoint = Arc::new(Checkpoint::open(&spec.checkpoint, &spec.storage)?);
+    let event_log = EventLog::new(&spec.checkpoint, &spec.storage, &spec.name);
     let mut runners: Vec<Runner> = spec
         .flows
         .iter()
@@ -89,12 +92,13 @@ async fn run_rounds(
             let ctx = FlowContext {
                 pipeline: spec.name.clone(),
                 flow: flow.clone(),
+                storage: spec.storage.clone(),
                 checkpoint: checkpoint.clone(),
                 kv: env.kv.clone(),
                 keys: env.keys.clone(),
                 parallelism: env.parallelism.clone(),
                 timings: env.timings,
-                progress: env.progress.clone(),
+                progress: env.progress.for_pipeline(&spec.name),
                 fence: env.fence.clone(),
             };
             match &flow.source {
@@ -129,6 +133,16 @@ async fn run_rounds(
                 Runner::Files(runner) => runner.run_until_caught_up(cancel, summary).await,
                 Runner::Delta(runner) => runner.run_until_caught_up(cancel, summary).await,
             };
+            let mut events: Vec<Event> = std::mem::take(&mut summary.unlogged)
+                .into_iter()
+                .filter(|report| report.version.is_some())
+                .map(|report| Event { flow: summary.name.clone(), kind: "batch", report: Some(report), error: None })
+                .collect();
+            if let Err(error) = &result {
+                let error = Some(error.to_string());
+                events.push(Event { flow: summary.name.clone(), kind: "error", report: None, error });
+            }
+            event_log.append(&events).await;
             match result {
                 Ok(()) => {}
                 Err(error) if continuous && error.is_retryable() => {
@@ -158,4 +172,46 @@ async fn run_rounds(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The checks a pipeline passes before anything runs (on `sluice run`,
+/// `sluice validate` and a cluster's submit), beyond the pipeline file's own
+/// validation: every transform is one query, and every location's store can
+/// be built from its options.
+pub fn preflight(spec: &PipelineSpec) -> Result<(), CoordinatorError> {
+    for flow in &spec.flows {
+        if let Some(sql) = &flow.transform {
+            sluice_worker::transform::check_query(sql).map_err(|message| CoordinatorError::Schema {
+                flow: flow.name.clone(),
+                message: format!("transform {message}"),
+            })?;
+        }
+    }
+    check_storage(spec)
+}
+
+/// Builds the object store of every location the pipeline names (no I/O), so
+/// that a misspelt storage option or an unset `${NAME}` is an error before
+/// anything runs, naming the location.
+pub fn check_storage(spec: &PipelineSpec) -> Result<(), CoordinatorError> {
+    for location in locations(spec) {
+        sluice_worker::storage::check_location(location, &spec.storage)
+            .map_err(|e| CoordinatorError::Storage { location: location.to_string(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
+/// Every location the pipeline reads or writes: the checkpoint, and each flow's
+/// source, sink and quarantine table.
+pub fn locations(spec: &PipelineSpec) -> Vec<&url::Url> {
+    let mut locations = vec![&spec.checkpoint];
+    for flow in &spec.flows {
+        locations.push(&flow.sink.table);
+        locations.push(&flow.quarantine);
+        match &flow.source {
+            SourceSpec::Files(files) => locations.push(&files.location),
+            other => locations.extend(other.table().map(|t| &t.url)),
+        }
+    }
+    locations
 }

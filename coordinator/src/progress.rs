@@ -1,5 +1,7 @@
 //! What a run reports while it works, and its summary.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use sluice_proto::task::{MergeCounts, Quality};
 
@@ -129,6 +131,9 @@ pub struct FlowSummary {
     pub schema_version: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub schema_added: Vec<String>,
+    /// Batch reports not yet written to the event log.
+    #[serde(skip)]
+    pub unlogged: Vec<BatchReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -144,6 +149,7 @@ pub struct RunSummary {
 
 impl FlowSummary {
     pub fn add(&mut self, report: &BatchReport) {
+        self.unlogged.push(report.clone());
         self.batches += 1;
         self.files += report.files;
         self.rows += report.rows;
@@ -177,21 +183,68 @@ impl RunSummary {
 }
 
 /// Where progress events go; sending never blocks and never fails the run.
+/// Each event also updates the process's metrics (see `sluice_worker::telemetry`),
+/// labelled with the pipeline the sink is for.
 #[derive(Clone)]
-pub struct ProgressSink(Option<tokio::sync::mpsc::UnboundedSender<ProgressEvent>>);
+pub struct ProgressSink {
+    sender: Option<tokio::sync::mpsc::UnboundedSender<ProgressEvent>>,
+    pipeline: Arc<str>,
+}
 
 impl ProgressSink {
     pub fn new(sender: tokio::sync::mpsc::UnboundedSender<ProgressEvent>) -> Self {
-        Self(Some(sender))
+        Self { sender: Some(sender), pipeline: Arc::from("") }
     }
 
     pub fn none() -> Self {
-        Self(None)
+        Self { sender: None, pipeline: Arc::from("") }
+    }
+
+    /// The same sink, labelling metrics with `pipeline`.
+    pub fn for_pipeline(&self, pipeline: &str) -> Self {
+        Self { sender: self.sender.clone(), pipeline: Arc::from(pipeline) }
+    }
+
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
     }
 
     pub fn send(&self, event: ProgressEvent) {
-        if let Some(sender) = &self.0 {
+        record(&self.pipeline, &event);
+        if let Some(sender) = &self.sender {
             let _ = sender.send(event);
         }
+    }
+}
+
+/// Updates the metrics an event stands for.
+fn record(pipeline: &str, event: &ProgressEvent) {
+    use sluice_worker::telemetry::*;
+    let labels = |flow: &str| [("pipeline", pipeline.to_string()), ("flow", flow.to_string())];
+    match event {
+        ProgressEvent::Discovered { flow, files, bytes } => {
+            metrics::gauge!(BACKLOG_FILES, &labels(flow)).set(*files as f64);
+            metrics::gauge!(BACKLOG_BYTES, &labels(flow)).set(*bytes as f64);
+        }
+        ProgressEvent::BatchCommitted(report) => {
+            let labels = labels(&report.flow);
+            metrics::counter!(BATCHES, &labels).increment(1);
+            metrics::counter!(ROWS, &labels).increment(report.rows);
+            metrics::counter!(BYTES, &labels).increment(report.bytes);
+            metrics::counter!(FILES, &labels).increment(report.files);
+            metrics::histogram!(BATCH_SECONDS, &labels).record(report.seconds);
+            if let Some(quality) = &report.quality {
+                metrics::counter!(QUARANTINED_ROWS, &labels).increment(quality.quarantined_rows);
+            }
+            metrics::gauge!(BACKLOG_FILES, &labels).decrement(report.files as f64);
+            metrics::gauge!(BACKLOG_BYTES, &labels).decrement(report.bytes as f64);
+        }
+        ProgressEvent::TaskRetried { flow, .. } => metrics::counter!(TASK_RETRIES, &labels(flow)).increment(1),
+        ProgressEvent::FlowCaughtUp { flow } => {
+            metrics::gauge!(BACKLOG_FILES, &labels(flow)).set(0.0);
+            metrics::gauge!(BACKLOG_BYTES, &labels(flow)).set(0.0);
+            metrics::gauge!(BACKLOG_VERSIONS, &labels(flow)).set(0.0);
+        }
+        _ => {}
     }
 }

@@ -8,6 +8,7 @@
 //!   in-memory implementation; [`keys`] documents the key layout in one place.
 //! - [`queue`]: the task queue protocol built on [`kv::KvStore`].
 //! - [`timing`]: lease and heartbeat timings, derived from one TTL.
+//! - [`storage`]: object-store options per location (`storage_options`).
 //!
 //! - [`pb`]: the gRPC API generated from `proto/sluice/v1/sluice.proto`.
 //! - `etcd` (feature `etcd`): the etcd implementation of [`kv::KvStore`] and the
@@ -26,5 +27,6 @@ pub mod queue;
 pub mod registry;
 pub mod schema_ddl;
 pub mod spec;
+pub mod storage;
 pub mod task;
 pub mod timing;

@@ -188,6 +188,7 @@ mod tests {
             on_malformed: Default::default(),
             schema_evolution: Default::default(),
             expectations: vec![],
+            storage: Default::default(),
             quarantine_url: "file:///t_quarantine/".into(),
         }
     }

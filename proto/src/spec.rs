@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::schema_ddl;
+use crate::storage::{LocationOptions, StorageOptions};
 
 /// Files per micro-batch when the pipeline file does not say (Auto Loader's default).
 pub const DEFAULT_MAX_FILES_PER_BATCH: u64 = 1000;
@@ -49,6 +50,9 @@ pub struct RawPipeline {
     pub checkpoint: String,
     #[serde(default)]
     pub trigger: Option<serde_yaml::Value>,
+    /// Object-store options for every location of the pipeline (see [`crate::storage`]).
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
     pub flows: Vec<RawFlow>,
 }
 
@@ -100,6 +104,8 @@ pub struct RawWatermark {
     pub initial_value: Option<serde_yaml::Value>,
     #[serde(default)]
     pub lag: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +119,8 @@ pub struct RawDeltaChanges {
     pub starting_timestamp: Option<String>,
     #[serde(default)]
     pub max_versions_per_batch: Option<u64>,
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +129,8 @@ pub struct RawDeltaSnapshot {
     pub table: String,
     #[serde(default)]
     pub version: Option<u64>,
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +158,8 @@ pub struct RawFilesSource {
     pub schema_evolution: Option<SchemaEvolution>,
     #[serde(default)]
     pub schema_sample: Option<RawSchemaSample>,
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +198,9 @@ pub struct RawSink {
     pub track_history_columns: Vec<String>,
     #[serde(default)]
     pub replace_rows_per_key: Option<bool>,
+    /// Object-store options for the sink's table (and its quarantine table).
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, serde_yaml::Value>,
 }
 
 // ---------------------------------------------------------------------------
@@ -198,6 +213,8 @@ pub struct PipelineSpec {
     pub checkpoint: Url,
     pub trigger: Trigger,
     pub flows: Vec<FlowSpec>,
+    /// Object-store options of every location, by location.
+    pub storage: StorageOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +352,8 @@ pub enum SourceSpec {
 pub struct TableRef {
     pub url: Url,
     pub upstream: Option<String>,
+    /// The source's `storage_options`, as written.
+    pub storage_options: LocationOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +423,8 @@ impl SourceSpec {
 #[derive(Debug, Clone)]
 pub struct FilesSource {
     pub location: Url,
+    /// The source's `storage_options`, as written.
+    pub storage_options: LocationOptions,
     pub format: Format,
     pub glob: Option<String>,
     pub schema: SchemaSpec,
@@ -471,6 +492,8 @@ pub struct SinkSpec {
     pub properties: BTreeMap<String, String>,
     /// Set when `mode` is `merge`.
     pub merge: Option<MergeSpec>,
+    /// The sink's `storage_options`, as written.
+    pub storage_options: LocationOptions,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -536,6 +559,7 @@ impl PipelineSpec {
         validate_name("pipeline", &raw.pipeline)?;
         let checkpoint = parse_location("checkpoint", &raw.checkpoint, base_dir)?;
         let trigger = parse_trigger(raw.trigger.as_ref())?;
+        let base = option_values("storage_options", raw.storage_options)?;
         if raw.flows.is_empty() {
             return Err(SpecError::invalid("flows", "a pipeline needs at least one flow"));
         }
@@ -567,7 +591,8 @@ impl PipelineSpec {
             flows.push(flow);
         }
         resolve_flow_references(&mut flows)?;
-        Ok(Self { name: raw.pipeline, checkpoint, trigger, flows })
+        let storage = storage_of(base, &flows);
+        Ok(Self { name: raw.pipeline, checkpoint, trigger, flows, storage })
     }
 
     /// Flow indexes in an order where every flow comes after the flows it reads.
@@ -720,7 +745,7 @@ impl SourceSpec {
         }
         if let Some(changes) = raw.delta_changes {
             let field = format!("{field}.delta_changes");
-            let table = parse_table_ref(&format!("{field}.table"), &changes.table, base_dir)?;
+            let table = parse_table_ref(&field, &changes.table, base_dir, changes.storage_options)?;
             if changes.starting_version.is_some() && changes.starting_timestamp.is_some() {
                 return Err(SpecError::invalid(field, "give `starting_version` or `starting_timestamp`, not both"));
             }
@@ -750,7 +775,7 @@ impl SourceSpec {
         }
         if let Some(watermark) = raw.watermark {
             let field = format!("{field}.watermark");
-            let table = parse_table_ref(&format!("{field}.table"), &watermark.table, base_dir)?;
+            let table = parse_table_ref(&field, &watermark.table, base_dir, watermark.storage_options)?;
             if watermark.column.trim().is_empty() {
                 return Err(SpecError::invalid(format!("{field}.column"), "is empty; name the column that only grows"));
             }
@@ -767,7 +792,7 @@ impl SourceSpec {
             return Ok(SourceSpec::Watermark(WatermarkSource { table, column: watermark.column, initial_value, lag }));
         }
         let snapshot = raw.delta.expect("one source kind is set");
-        let table = parse_table_ref(&format!("{field}.delta.table"), &snapshot.table, base_dir)?;
+        let table = parse_table_ref(&format!("{field}.delta"), &snapshot.table, base_dir, snapshot.storage_options)?;
         Ok(SourceSpec::Delta(DeltaSnapshotSource { table, version: snapshot.version }))
     }
 }
@@ -801,16 +826,61 @@ fn parse_watermark_value(field: &str, value: &serde_yaml::Value, lag: bool) -> R
     micros.map(WatermarkValue::Micros).ok_or_else(|| SpecError::invalid(field, format!("`{text}` is not {allowed}")))
 }
 
-/// `flow:<name>` (resolved once every flow is known) or a location.
-fn parse_table_ref(field: &str, text: &str, base_dir: Option<&Path>) -> Result<TableRef, SpecError> {
+/// `flow:<name>` (resolved once every flow is known) or a location, with the
+/// source's `storage_options` (`field` is the source's, as `flows[0].source.delta`).
+fn parse_table_ref(
+    field: &str,
+    text: &str,
+    base_dir: Option<&Path>,
+    storage_options: BTreeMap<String, serde_yaml::Value>,
+) -> Result<TableRef, SpecError> {
+    let storage_options = LocationOptions(option_values(&format!("{field}.storage_options"), storage_options)?);
+    let field = format!("{field}.table");
     if let Some(name) = text.trim().strip_prefix("flow:") {
         let name = name.trim();
-        validate_name(field, name)?;
+        validate_name(&field, name)?;
         // A placeholder until `resolve_flow_references` puts the flow's sink here.
         let url = Url::parse("file:///").expect("a valid URL");
-        return Ok(TableRef { url, upstream: Some(name.to_string()) });
+        return Ok(TableRef { url, upstream: Some(name.to_string()), storage_options });
     }
-    Ok(TableRef { url: parse_location(field, text, base_dir)?, upstream: None })
+    Ok(TableRef { url: parse_location(&field, text, base_dir)?, upstream: None, storage_options })
+}
+
+/// A map of option values as strings: each value a string, number or boolean.
+fn option_values(field: &str, raw: BTreeMap<String, serde_yaml::Value>) -> Result<BTreeMap<String, String>, SpecError> {
+    raw.into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                _ => return Err(SpecError::invalid(format!("{field}.{key}"), "must be a string, number or boolean")),
+            };
+            Ok((key, text))
+        })
+        .collect()
+}
+
+/// The storage options of every location the flows name. A quarantine table
+/// takes its sink's options; a `flow:` reference those of the sink it names,
+/// under its own.
+fn storage_of(base: BTreeMap<String, String>, flows: &[FlowSpec]) -> StorageOptions {
+    let mut storage = StorageOptions { base, scopes: Vec::new() };
+    for flow in flows {
+        storage.add_scope(&flow.sink.table, &flow.sink.storage_options);
+        storage.add_scope(&flow.quarantine, &flow.sink.storage_options);
+    }
+    for flow in flows {
+        match &flow.source {
+            SourceSpec::Files(files) => storage.add_scope(&files.location, &files.storage_options),
+            other => {
+                if let Some(table) = other.table() {
+                    storage.add_scope(&table.url, &table.storage_options);
+                }
+            }
+        }
+    }
+    storage
 }
 
 impl FilesSource {
@@ -876,8 +946,10 @@ impl FilesSource {
                 schema_sample.max_bytes = parse_byte_size(&format!("{field}.schema_sample.max_bytes"), bytes)?;
             }
         }
+        let storage_options = LocationOptions(option_values(&format!("{field}.storage_options"), raw.storage_options)?);
         Ok(Self {
             location,
+            storage_options,
             format: raw.format,
             glob: raw.glob,
             schema,
@@ -904,23 +976,10 @@ impl SinkSpec {
                 ));
             }
         }
-        let mut properties = BTreeMap::new();
         let merge = merge_spec(&raw, field, cdf_source)?;
-        for (key, value) in raw.properties {
-            let text = match value {
-                serde_yaml::Value::String(s) => s,
-                serde_yaml::Value::Bool(b) => b.to_string(),
-                serde_yaml::Value::Number(n) => n.to_string(),
-                _ => {
-                    return Err(SpecError::invalid(
-                        format!("{field}.properties.{key}"),
-                        "must be a string, number or boolean",
-                    ));
-                }
-            };
-            properties.insert(key, text);
-        }
-        Ok(Self { table, mode: raw.mode, partition_by: raw.partition_by, properties, merge })
+        let properties = option_values(&format!("{field}.properties"), raw.properties)?;
+        let storage_options = LocationOptions(option_values(&format!("{field}.storage_options"), raw.storage_options)?);
+        Ok(Self { table, mode: raw.mode, partition_by: raw.partition_by, properties, merge, storage_options })
     }
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::spec::{CsvOptions, Expectation, Format, MergeSpec, OnMalformed, SchemaEvolution};
+use crate::storage::StorageOptions;
 
 /// One source file as discovered: its identity is path + size + modification time (+ etag).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -78,6 +79,10 @@ pub struct TaskSpec {
     /// The quarantine table's root URL: rows and files that cannot be read, and
     /// rows failing a `quarantine` expectation, are written below it.
     pub quarantine_url: String,
+    /// Object-store options of the pipeline's locations (`${NAME}` values are
+    /// resolved by the worker, from its own environment).
+    #[serde(default, skip_serializing_if = "StorageOptions::is_empty")]
+    pub storage: StorageOptions,
 }
 
 /// What a task reads from a Delta table. `source_schema` is then the relation's

@@ -226,10 +226,16 @@ impl Cluster {
 
     /// Starts a coordinator with `failpoints` (`SLUICE_FAILPOINTS`, may be empty); returns its index.
     pub fn start_coordinator(&mut self, failpoints: &str) -> usize {
+        self.start_coordinator_with(failpoints, &[])
+    }
+
+    /// Starts a coordinator with extra command-line arguments.
+    pub fn start_coordinator_with(&mut self, failpoints: &str, extra: &[&str]) -> usize {
         let port = free_port();
         let index = self.coordinators.len();
         let mut command = Command::new(sibling_bin("sluice-coordinator-under-test"));
         command
+            .args(extra)
             .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", &self.lease_ttl])
             .args(["--id", &format!("coordinator-{index}")])

@@ -1,5 +1,6 @@
 //! Runs the real `sluice` binary in a scratch folder and reads Delta tables back.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -151,9 +152,21 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Runs `sql` against the Delta table at `table` (registered as `t`; identifiers
 /// are case-sensitive, as in Sluice's transforms).
 pub fn query(table: &Path, sql: &str) -> Vec<RecordBatch> {
+    let url = Url::from_directory_path(table).expect("an absolute table path");
+    query_url(&url, &HashMap::new(), sql)
+}
+
+/// Runs `sql` against the Delta table at `url` (any store Sluice supports,
+/// with its storage `options`), registered as `t`.
+pub fn query_url(url: &Url, options: &HashMap<String, String>, sql: &str) -> Vec<RecordBatch> {
+    sluice_worker::storage::register_with_deltalake();
     runtime().block_on(async {
-        let url = Url::from_directory_path(table).expect("an absolute table path");
-        let delta = deltalake::open_table(url).await.unwrap_or_else(|e| panic!("open {}: {e}", table.display()));
+        let delta = deltalake::DeltaTableBuilder::from_url(url.clone())
+            .map(|b| b.with_storage_options(options.clone()))
+            .unwrap_or_else(|e| panic!("open {url}: {e}"))
+            .load()
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
         let mut config = SessionConfig::new();
         config.options_mut().sql_parser.enable_ident_normalization = false;
         let ctx = SessionContext::new_with_config(config);

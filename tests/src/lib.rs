@@ -6,3 +6,4 @@ pub mod changes;
 pub mod cluster;
 pub mod harness;
 pub mod invoices;
+pub mod object_stores;

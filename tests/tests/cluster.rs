@@ -11,6 +11,7 @@ use std::time::Duration;
 use sluice_tests::cluster::{Cluster, Etcd, free_port, reflected_services, wait_for_health};
 use sluice_tests::harness::{self, Sandbox, query_i64, txn_versions};
 use sluice_tests::invoices::{invoice_pipeline as pipeline, write_invoice_file};
+use sluice_tests::object_stores::http;
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -293,4 +294,89 @@ flows:
     assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t"), 3, "three bad lines, once each");
     assert_eq!(query_i64(&quarantine, "SELECT COUNT(*) FROM t WHERE file_path LIKE '%/2.json'"), 3);
     assert_eq!(txn_versions(&quarantine), vec![2]);
+}
+
+/// SIGTERM drains a worker: it takes no new task, finishes the one it runs and
+/// exits. With no other worker, the pipeline completes only because it did.
+/// The coordinator's Prometheus metrics count the committed batch.
+#[test]
+fn a_worker_sent_sigterm_mid_task_finishes_it_and_exits_and_metrics_count_the_batch() {
+    let sandbox = sandbox_with_files("drain", 2, 2);
+    let table = sandbox.path("lake/bronze/invoices");
+    let mut cluster = Cluster::new("3s");
+    let metrics_port = free_port();
+    cluster.start_coordinator_with("", &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    let worker = cluster.start_worker(1, "during_read=3s");
+    submit(&cluster, &sandbox);
+    cluster.workers[worker].wait_for("failpoint during_read reached", LONG);
+    cluster.workers[worker].signal("TERM");
+    assert_eq!(cluster.workers[worker].wait_exit(Duration::from_secs(60)), Some(0), "{}", cluster.logs());
+    assert!(cluster.workers[worker].logged("draining"), "{}", cluster.logs());
+    assert!(!cluster.workers[worker].logged("abandoning"), "{}", cluster.logs());
+
+    let status = cluster.wait_for_state(&sandbox, "drain", "completed", LONG);
+    assert_eq!(status["flows"][0]["rows_done"], 100, "{status:#}");
+    assert_exactly_once(&table, 100, 1);
+
+    let (code, metrics) = http(metrics_port, "GET", "/metrics", b"");
+    assert_eq!(code, 200, "{metrics}");
+    let labels = r#"{pipeline="drain",flow="invoices_bronze"}"#;
+    for (name, value) in [("sluice_batches_committed_total", 1), ("sluice_rows_total", 100), ("sluice_files_total", 2)]
+    {
+        let line = format!("{name}{labels} {value}");
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+    }
+    assert!(metrics.contains("sluice_commit_duration_seconds_bucket"), "{metrics}");
+}
+
+/// A coordinator started with `--auth-token-file` and `--allowed-locations`:
+/// calls without the token are refused (health checking stays open for
+/// probes), a rotated token takes effect, and a pipeline writing outside the
+/// allowed locations is refused at submission.
+#[test]
+fn the_api_requires_its_bearer_token_and_refuses_locations_outside_the_allow_list() {
+    let sandbox = sandbox_with_files("guarded", 1, 1);
+    let token = sandbox.write("secrets/token", "first-token\n");
+    let allowed = url::Url::from_directory_path(sandbox.dir.path()).expect("a URL").to_string();
+    let mut cluster = Cluster::new("3s");
+    cluster.start_coordinator_with(
+        "",
+        &["--auth-token-file", token.to_str().expect("a path"), "--allowed-locations", &allowed],
+    );
+    cluster.start_worker(2, "");
+    let url = cluster.coordinator_urls[0].clone();
+    let cli = |token: Option<&str>, args: &[&str]| -> harness::RunOutput {
+        let mut command = sandbox.command(args);
+        command.env("SLUICE_COORDINATOR", &url).env_remove("SLUICE_TOKEN");
+        if let Some(token) = token {
+            command.env("SLUICE_TOKEN", token);
+        }
+        command.output().expect("sluice starts").into()
+    };
+
+    let output = cli(None, &["list"]);
+    assert_eq!(output.code, Some(1), "{output:?}");
+    assert!(output.stderr.contains("requires a bearer token"), "{}", output.stderr);
+    let output = cli(Some("wrong"), &["list"]);
+    assert!(output.stderr.contains("not valid"), "{output:?}");
+    assert_eq!(cli(Some("first-token"), &["list"]).code, Some(0));
+    wait_for_health(&url, "SERVING", Duration::from_secs(30));
+
+    // Rotated: the old token no longer opens the API, the new one does.
+    std::thread::sleep(Duration::from_millis(20));
+    sandbox.write("secrets/token", "second-token\n");
+    assert!(cli(Some("first-token"), &["list"]).stderr.contains("not valid"));
+
+    // A sink outside the allowed locations is refused before anything runs.
+    let outside = tempfile::tempdir().expect("a folder");
+    let yaml = std::fs::read_to_string(sandbox.path("pipeline.yaml")).expect("the pipeline");
+    let elsewhere = yaml.replace("./lake/bronze/invoices", &outside.path().join("t").display().to_string());
+    sandbox.write("elsewhere.yaml", elsewhere);
+    let output = cli(Some("second-token"), &["submit", "elsewhere.yaml"]);
+    assert_eq!(output.code, Some(2), "{output:?}");
+    assert!(output.stderr.contains("outside the locations this deployment allows"), "{}", output.stderr);
+
+    let output = cli(Some("second-token"), &["submit", "pipeline.yaml", "--wait"]);
+    assert_eq!(output.code, Some(0), "{output:?}\n{}", cluster.logs());
+    assert_eq!(query_i64(&sandbox.path("lake/bronze/invoices"), "SELECT COUNT(*) FROM t"), 50);
 }

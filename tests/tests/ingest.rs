@@ -93,10 +93,16 @@ fn first_run_ingests_every_file_once_and_reruns_add_only_new_files() {
     let infos = commit_infos(&table);
     assert_eq!(infos[1]["sluice.batch"], 2, "{:?}", infos[1]);
 
+    // The event log: one row per committed batch.
+    let events = sandbox.path("lake/_checkpoints/retail/_event_log");
+    assert_eq!(query_i64(&events, "SELECT SUM(rows) FROM t WHERE kind = 'batch' AND flow = 'invoices_bronze'"), 120);
+    assert_eq!(query_text(&events, "SELECT batch, delta_version, files FROM t ORDER BY batch").lines().count(), 6);
+
     // A second run with nothing new commits nothing.
     let summary = sandbox.run_ok();
     assert_eq!(summary["batches"].as_u64(), Some(0), "{summary}");
     assert_eq!(table_version(&table), Some(1));
+    assert_eq!(query_i64(&events, "SELECT COUNT(*) FROM t"), 2, "nothing to log");
 
     // A third run ingests only the new file.
     write_invoices(&sandbox, "d.json", 1, 120, 25);
@@ -170,6 +176,18 @@ fn with_on_malformed_fail_a_broken_json_line_fails_the_batch_naming_file_and_lin
     );
     assert_eq!(output.summary()["rows"].as_u64(), Some(8), "{output:?}");
     assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 8);
+
+    // The event log in the checkpoint holds both failures and the batch.
+    let events = sandbox.path("lake/_checkpoints/retail/_event_log");
+    assert_eq!(query_i64(&events, "SELECT COUNT(*) FROM t WHERE kind = 'error' AND error LIKE '%b.json: line%'"), 2);
+    let batch = query_text(
+        &events,
+        "SELECT pipeline, flow, batch, delta_version, files, rows, quarantined_rows FROM t WHERE kind = 'batch'",
+    );
+    assert!(
+        batch.contains("| retail   | invoices_bronze | 1     | 0             | 2     | 8    | 0                |"),
+        "{batch}"
+    );
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! `sluice-worker`: joins a cluster through etcd and runs tasks until stopped.
 //!
-//! SIGTERM or Ctrl-C stops it: running tasks are abandoned and the worker's
-//! lease is revoked, so their claims vanish at once and other workers take the
-//! tasks over without waiting for the lease to expire.
+//! SIGTERM or Ctrl-C drains it: it stops claiming tasks, lets the running ones
+//! finish for up to `--drain-timeout`, then abandons the rest and revokes its
+//! lease, so their claims vanish at once and other workers take the tasks over
+//! without waiting for the lease to expire.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,6 +41,13 @@ pub struct ClusterArgs {
     /// Log filter (tracing syntax).
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log: String,
+    /// Log line format: `text`, or `json` (one object per line, with the spans:
+    /// pipeline, flow, batch, task, worker).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ClusterArgs {
@@ -68,13 +76,17 @@ pub struct WorkerArgs {
     /// otherwise (etcd unreachable, lease lost and not yet registered again).
     #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long running tasks may take to finish before they are
+    /// handed to other workers (keep it under the pod's termination grace period).
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
 }
 
 /// One runtime thread per slot, as in the embedded runtime: a slot's reader and
 /// its encoder overlap on the threads of the other slots.
 pub fn main() -> ExitCode {
     let args = WorkerArgs::parse();
-    init_tracing(&args.cluster.log);
+    init_tracing(&args.cluster.log, args.cluster.log_format == "json");
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(slots)
@@ -96,6 +108,12 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let cluster = &args.cluster;
+    if let Some(address) = cluster.metrics_listen
+        && let Err(e) = crate::telemetry::serve_metrics(address)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let Some(kv) = connect_etcd(&cluster.etcd, &shutdown).await else { return ExitCode::SUCCESS };
     info!(worker = %id, slots, etcd = %cluster.etcd.join(","), namespace = %cluster.namespace, "sluice-worker starting");
     let (timings, keys) = (cluster.timings(), cluster.keys());
@@ -122,7 +140,8 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
             report_health(reporter, &[""], Duration::from_secs(1), down, stop_health, check).await;
         });
     }
-    run_worker(kv, keys, WorkerOptions { id, slots, timings }, shutdown).await;
+    let options = WorkerOptions { id, slots, timings, drain_timeout: args.drain_timeout };
+    run_worker(kv, keys, options, shutdown).await;
     info!("sluice-worker stopped");
     ExitCode::SUCCESS
 }
@@ -147,15 +166,16 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..6])
 }
 
-pub fn init_tracing(filter: &str) {
+pub fn init_tracing(filter: &str, json: bool) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).with_span_list(true).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.

@@ -13,12 +13,14 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::LogicalFileView;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError};
 use futures::TryStreamExt;
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::{DeltaReadKind, WatermarkRead};
 use url::Url;
 
 use crate::error::{ReadError, WorkerError};
+use crate::storage::table_builder;
 use crate::watermark;
 
 pub const CHANGE_TYPE: &str = "_change_type";
@@ -59,8 +61,12 @@ pub async fn file_bounds(table: &DeltaTable, column: &str) -> Result<Vec<FileBou
 }
 
 /// Opens a table at a version (the latest when `None`).
-pub async fn open_table(url: &Url, version: Option<u64>) -> Result<DeltaTable, DeltaTableError> {
-    let mut builder = DeltaTableBuilder::from_url(url.clone())?;
+pub async fn open_table(
+    url: &Url,
+    version: Option<u64>,
+    storage: &StorageOptions,
+) -> Result<DeltaTable, DeltaTableError> {
+    let mut builder = table_builder(url, storage).map_err(|e| DeltaTableError::Generic(e.to_string()))?;
     if let Some(version) = version {
         builder = builder.with_version(version);
     }
@@ -128,11 +134,12 @@ pub async fn read(
     url: &Url,
     kind: DeltaReadKind,
     watermark: Option<&WatermarkRead>,
+    storage: &StorageOptions,
 ) -> Result<SendableRecordBatchStream, WorkerError> {
     let ctx = SessionContext::new();
     match kind {
         DeltaReadKind::Changes { start, end } => {
-            let table = open_table(url, Some(end)).await.map_err(|e| source_error(url, e))?;
+            let table = open_table(url, Some(end), storage).await.map_err(|e| source_error(url, e))?;
             let plan = table
                 .scan_cdf()
                 .with_starting_version(start)
@@ -143,7 +150,7 @@ pub async fn read(
             execute_stream(plan, ctx.task_ctx()).map_err(|e| WorkerError::Transform(e.to_string()))
         }
         DeltaReadKind::Snapshot { version } => {
-            let table = open_table(url, Some(version)).await.map_err(|e| source_error(url, e))?;
+            let table = open_table(url, Some(version), storage).await.map_err(|e| source_error(url, e))?;
             table.update_datafusion_session(&ctx.state()).map_err(|e| source_error(url, e))?;
             let provider = table.table_provider().await.map_err(|e| source_error(url, e.into()))?;
             let mut frame = ctx.read_table(provider).map_err(|e| WorkerError::Transform(e.to_string()))?;

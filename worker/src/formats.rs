@@ -36,6 +36,7 @@ use crate::quarantine::rows_as_json;
 use crate::rescue;
 use crate::storage::{parse_url, store_for};
 use crate::text::{BadRecord, TextError, TextFormat, TextReader};
+use sluice_proto::storage::StorageOptions;
 
 /// Rows per decoded batch.
 pub const BATCH_ROWS: usize = 8192;
@@ -101,9 +102,9 @@ enum DecoderKind {
 }
 
 /// The object store holding `file`, and the file's path in it.
-fn locate(file: &SourceFile) -> Result<(Arc<dyn ObjectStore>, Path), ReadError> {
+fn locate(file: &SourceFile, storage: &StorageOptions) -> Result<(Arc<dyn ObjectStore>, Path), ReadError> {
     let url = parse_url(&file.url).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    store_for(&url).map_err(|e| read_error(file, None, e.to_string(), false))
+    store_for(&url, storage).map_err(|e| read_error(file, None, e.to_string(), false))
 }
 
 fn read_error(file: &SourceFile, line: Option<u64>, message: impl Into<String>, retryable: bool) -> ReadError {
@@ -129,8 +130,9 @@ impl FileDecoder {
         csv: &CsvOptions,
         schema: SchemaRef,
         evolution: SchemaEvolution,
+        storage: &StorageOptions,
     ) -> Result<Self, FileError> {
-        let (store, path) = locate(file)?;
+        let (store, path) = locate(file, storage)?;
         // The file's columns that the schema lacks, and where they were found.
         let (kind, extra, line) = match format {
             Format::Json | Format::Csv => {
@@ -333,6 +335,7 @@ pub async fn infer_schema(
     format: Format,
     csv: &CsvOptions,
     sample: SchemaSample,
+    storage: &StorageOptions,
 ) -> Result<Schema, ReadError> {
     let mut merged: Option<Schema> = None;
     let mut budget = sample.max_bytes;
@@ -340,7 +343,7 @@ pub async fn infer_schema(
         if budget == 0 {
             break;
         }
-        let schema = infer_file(file, format, csv, budget).await?;
+        let schema = infer_file(file, format, csv, budget, storage).await?;
         budget = budget.saturating_sub(file.size);
         merged = Some(match merged {
             None => schema,
@@ -351,8 +354,14 @@ pub async fn infer_schema(
     Ok(Schema::new(schema.fields().iter().map(|f| without_null_type(f)).collect::<Vec<_>>()))
 }
 
-async fn infer_file(file: &SourceFile, format: Format, csv: &CsvOptions, budget: u64) -> Result<Schema, ReadError> {
-    let (store, path) = locate(file)?;
+async fn infer_file(
+    file: &SourceFile,
+    format: Format,
+    csv: &CsvOptions,
+    budget: u64,
+    storage: &StorageOptions,
+) -> Result<Schema, ReadError> {
+    let (store, path) = locate(file, storage)?;
     let decode_error = |e: ArrowError| read_error(file, None, format!("cannot infer a schema: {e}"), false);
     match format {
         Format::Parquet => {

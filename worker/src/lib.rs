@@ -29,6 +29,7 @@ pub mod quarantine;
 pub mod rescue;
 pub mod storage;
 pub mod task_runner;
+pub mod telemetry;
 pub mod text;
 pub mod transform;
 pub mod watermark;

@@ -38,6 +38,7 @@ use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::async_reader::ParquetObjectReader;
 use sluice_proto::spec::MergeSpec;
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::MergeCounts;
 use url::Url;
 
@@ -79,9 +80,10 @@ pub async fn merge_changes(
     target_version: Option<u64>,
     changes: SendableRecordBatchStream,
     table_schema: &SchemaRef,
+    storage: &StorageOptions,
 ) -> Result<MergeOutput, WorkerError> {
     let changes = load_changes(spec, changes).await?;
-    let target = Target::open(table_url, target_version).await?;
+    let target = Target::open(table_url, target_version, storage).await?;
     if spec.scd == 2 {
         return crate::history::merge_history(spec, &target, changes, table_schema).await;
     }
@@ -245,14 +247,14 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    async fn open(table_url: &Url, version: Option<u64>) -> Result<Self, WorkerError> {
+    async fn open(table_url: &Url, version: Option<u64>, storage: &StorageOptions) -> Result<Self, WorkerError> {
         let table = match version {
-            Some(version) => Some(open_table(table_url, Some(version)).await?),
+            Some(version) => Some(open_table(table_url, Some(version), storage).await?),
             None => None,
         };
         let store = match &table {
             Some(table) => table.object_store(),
-            None => deltalake::DeltaTableBuilder::from_url(table_url.clone())?.build()?.object_store(),
+            None => crate::storage::table_builder(table_url, storage)?.build()?.object_store(),
         };
         let change_data = table.as_ref().is_some_and(change_data::enabled);
         Ok(Self { table, store, change_data })

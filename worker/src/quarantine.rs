@@ -12,7 +12,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use base64::Engine;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
-use deltalake::DeltaTableBuilder;
+
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use deltalake::kernel::{Add, StructType};
 
@@ -20,6 +20,7 @@ use crate::conform::{conform_batch, to_delta};
 use crate::error::WorkerError;
 use crate::storage::{ensure_local_dir, parse_url};
 use crate::text::BadRecord;
+use sluice_proto::storage::StorageOptions;
 
 /// A record of a source file that could not be decoded.
 pub const KIND_RECORD: &str = "record";
@@ -172,13 +173,18 @@ fn to_batch(entries: &[Entry], origin: &Origin<'_>) -> Result<RecordBatch, Worke
 }
 
 /// Writes `entries` as data files below the quarantine table at `url`; returns their `Add` actions.
-pub async fn write(url: &str, entries: &[Entry], origin: &Origin<'_>) -> Result<Vec<Add>, WorkerError> {
+pub async fn write(
+    url: &str,
+    entries: &[Entry],
+    origin: &Origin<'_>,
+    storage: &StorageOptions,
+) -> Result<Vec<Add>, WorkerError> {
     if entries.is_empty() {
         return Ok(Vec::new());
     }
     let url = parse_url(url)?;
     ensure_local_dir(&url)?;
-    let table = DeltaTableBuilder::from_url(url)?.build()?;
+    let table = crate::storage::table_builder(&url, storage)?.build()?;
     let config = WriterConfig::new(
         schema().1.clone(),
         Vec::new(),

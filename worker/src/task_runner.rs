@@ -11,10 +11,11 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
-use deltalake::DeltaTableBuilder;
+
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
 use sluice_proto::spec::{OnMalformed, SchemaEvolution, SchemaSample};
+use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::{DeltaRead, MergeCounts, NewColumns, Quality, TaskResult, TaskSpec, WatermarkRead};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::formats::{FileDecoder, FileError, infer_schema};
 use crate::merge::merge_changes;
 use crate::metadata::{append_metadata, with_metadata_field};
 use crate::quarantine::{self, Collector, Entry, Origin, collect};
-use crate::storage::{ensure_local_dir, parse_url};
+use crate::storage::{ensure_local_dir, parse_url, table_builder};
 use crate::transform;
 use crate::watermark::Cut;
 
@@ -62,6 +63,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
             let reader = tokio::spawn(read_delta(
                 read.clone(),
                 task.watermark.clone(),
+                task.storage.clone(),
                 relation_schema.clone(),
                 sender,
                 cancel.clone(),
@@ -106,7 +108,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
             let entries = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
             let origin = Origin { flow: &task.id.flow, batch: task.id.batch, at_us: task.ingest_time_us };
-            let quarantine_adds = quarantine::write(&task.quarantine_url, &entries, &origin).await?;
+            let quarantine_adds = quarantine::write(&task.quarantine_url, &entries, &origin, &task.storage).await?;
             let quality = Quality {
                 malformed_rows: quarantine::count(&entries, quarantine::KIND_RECORD),
                 unreadable_files: quarantine::count(&entries, quarantine::KIND_FILE),
@@ -149,6 +151,7 @@ async fn fail_read(sender: &mpsc::Sender<Result<RecordBatch, DataFusionError>>, 
 async fn read_delta(
     read: DeltaRead,
     watermark: Option<WatermarkRead>,
+    storage: StorageOptions,
     relation_schema: SchemaRef,
     sender: mpsc::Sender<Result<RecordBatch, DataFusionError>>,
     cancel: CancellationToken,
@@ -167,7 +170,7 @@ async fn read_delta(
         Ok(url) => url,
         Err(e) => return fail(as_read_error(e)).await,
     };
-    let mut stream = match delta_source::read(&url, read.kind, watermark.as_ref()).await {
+    let mut stream = match delta_source::read(&url, read.kind, watermark.as_ref(), &storage).await {
         Ok(stream) => stream,
         Err(e) => return fail(as_read_error(e)).await,
     };
@@ -219,7 +222,9 @@ async fn read_files(
     let mut bytes = 0;
     let mut first_batch = true;
     for (index, file) in task.files.iter().enumerate() {
-        let opened = FileDecoder::open(file, task.format, &task.csv, file_schema.clone(), task.schema_evolution).await;
+        let opened =
+            FileDecoder::open(file, task.format, &task.csv, file_schema.clone(), task.schema_evolution, &task.storage)
+                .await;
         let mut decoder = match opened {
             Ok(decoder) => decoder,
             Err(FileError::Read(e)) if keep_going && !e.retryable => {
@@ -310,7 +315,7 @@ async fn new_columns(
     }
     // The new columns' types, from at most 100 of the task's files from this one on.
     let sample = SchemaSample { max_files: 100, ..SchemaSample::default() };
-    let observed = match infer_schema(&task.files[index..], task.format, &task.csv, sample).await {
+    let observed = match infer_schema(&task.files[index..], task.format, &task.csv, sample, &task.storage).await {
         Ok(observed) => observed,
         Err(error) => return fail_read(sender, error).await,
     };
@@ -343,7 +348,8 @@ async fn write_output(
     let table_url = parse_url(&task.table_url)?;
     ensure_local_dir(&table_url)?;
     if let Some(merge) = &task.merge {
-        let output = merge_changes(&merge.spec, &table_url, merge.target_version, stream, table_schema).await?;
+        let output =
+            merge_changes(&merge.spec, &table_url, merge.target_version, stream, table_schema, &task.storage).await?;
         return Ok(Written {
             adds: output.adds,
             removes: output.removes,
@@ -352,7 +358,7 @@ async fn write_output(
             merge: Some(output.counts),
         });
     }
-    let table = DeltaTableBuilder::from_url(table_url)?.build()?;
+    let table = table_builder(&table_url, &task.storage)?.build()?;
     let config = WriterConfig::new(
         table_schema.clone(),
         task.partition_by.clone(),

@@ -34,6 +34,41 @@ pub fn sql_options() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }
 
+/// Checks, without any schema, that `sql` is one query (`SELECT`, `WITH`,
+/// `VALUES`, set operations): statements that create, drop, insert, copy,
+/// write files or set options are refused with what was found. This runs when
+/// a pipeline is submitted or started; execution refuses them again
+/// ([`sql_options`]).
+pub fn check_query(sql: &str) -> Result<(), String> {
+    use datafusion::sql::parser::{DFParser, Statement};
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    let statements = DFParser::parse_sql(sql).map_err(|e| format!("is not valid SQL: {e}"))?;
+    let refuse = |what: &str| {
+        Err(format!(
+            "must be a single query (SELECT ... FROM source); {what} is not allowed: a transform reads, it never creates, changes or writes anything"
+        ))
+    };
+    match statements.len() {
+        0 => return Err("is empty".to_string()),
+        1 => {}
+        n => return refuse(&format!("a script of {n} statements")),
+    }
+    match &statements[0] {
+        Statement::Statement(statement) => match statement.as_ref() {
+            Sql::Query(_) => Ok(()),
+            other => {
+                let text = other.to_string();
+                let words: Vec<&str> = text.split_whitespace().take(2).collect();
+                refuse(&format!("`{}`", words.join(" ")))
+            }
+        },
+        Statement::CopyTo(_) => refuse("`COPY ... TO`"),
+        Statement::CreateExternalTable(_) => refuse("`CREATE EXTERNAL TABLE`"),
+        Statement::Explain(_) => refuse("`EXPLAIN`"),
+        Statement::Reset(_) => refuse("`RESET`"),
+    }
+}
+
 fn transform_error(error: DataFusionError) -> WorkerError {
     WorkerError::Transform(error.to_string())
 }
@@ -94,5 +129,35 @@ impl PartitionStream for OneShotPartition {
             Some((next, Some(receiver)))
         });
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_query;
+
+    #[test]
+    fn only_one_query_is_accepted() {
+        for sql in [
+            "SELECT * FROM source",
+            "WITH s AS (SELECT a FROM source) SELECT a FROM s UNION ALL SELECT 1",
+            "select *, _metadata.file_path from source where x > 1",
+            "VALUES (1)",
+        ] {
+            assert_eq!(check_query(sql), Ok(()), "{sql}");
+        }
+        for (sql, named) in [
+            ("CREATE TABLE t AS SELECT * FROM source", "`CREATE TABLE`"),
+            ("DROP TABLE source", "`DROP TABLE`"),
+            ("INSERT INTO t SELECT * FROM source", "`INSERT INTO`"),
+            ("COPY source TO '/tmp/out.parquet'", "`COPY ... TO`"),
+            ("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/etc'", "`CREATE EXTERNAL TABLE`"),
+            ("SET datafusion.execution.batch_size = 1", "`SET"),
+            ("SELECT 1; DROP TABLE source", "a script of 2 statements"),
+        ] {
+            let error = check_query(sql).unwrap_err();
+            assert!(error.contains(named) && error.contains("not allowed"), "{sql}: {error}");
+        }
+        assert!(check_query("SELEC * FROM source").unwrap_err().starts_with("is not valid SQL"));
     }
 }

@@ -4,6 +4,11 @@
 //! If the lease is lost (the store was unreachable for longer than the TTL),
 //! every running task is abandoned, since its claim is gone and its outcome
 //! could not be published anyway, and the worker registers again.
+//!
+//! On shutdown (SIGTERM) the worker drains: it stops claiming, lets its running
+//! tasks finish and publish for up to `drain_timeout`, then abandons what is
+//! left and revokes its lease, so those claims vanish at once and other
+//! workers take the tasks over.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +31,8 @@ pub struct WorkerOptions {
     pub id: String,
     pub slots: usize,
     pub timings: LeaseTimings,
+    /// On shutdown, how long running tasks may take to finish before they are abandoned.
+    pub drain_timeout: Duration,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -44,14 +51,32 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
             }
         };
         info!(worker = %options.id, slots = options.slots, "worker registered");
-        let lease_scope = shutdown.child_token();
-        let mut loops = JoinSet::new();
-        loops.spawn(keep_alive(kv.clone(), lease, options.timings, lease_scope.clone()));
+        // Cancelled when the lease is lost, or when a drain ends.
+        let lease_scope = CancellationToken::new();
+        let keeper = tokio::spawn(keep_alive(kv.clone(), lease, options.timings, lease_scope.clone()));
+        let mut slots = JoinSet::new();
         for _ in 0..options.slots.max(1) {
-            loops.spawn(slot_loop(kv.clone(), keys.clone(), options.clone(), lease, lease_scope.clone()));
+            let (kv, keys, options) = (kv.clone(), keys.clone(), options.clone());
+            slots.spawn(slot_loop(kv, keys, options, lease, lease_scope.clone(), shutdown.clone()));
         }
-        lease_scope.cancelled().await;
-        while loops.join_next().await.is_some() {}
+        tokio::select! {
+            _ = lease_scope.cancelled() => {}
+            _ = shutdown.cancelled() => {
+                // Drain: no new claims (the slots see `shutdown`), running tasks finish.
+                let busy = slots.len();
+                info!(worker = %options.id, deadline = ?options.drain_timeout, "draining: no new tasks; waiting for running ones");
+                let finished = tokio::time::timeout(options.drain_timeout, async {
+                    while slots.join_next().await.is_some() {}
+                })
+                .await;
+                if finished.is_err() {
+                    warn!(worker = %options.id, busy, "drain deadline passed; abandoning the running tasks to other workers");
+                }
+                lease_scope.cancel();
+            }
+        }
+        while slots.join_next().await.is_some() {}
+        let _ = keeper.await;
         // On shutdown, and when we think the lease is lost while etcd may think
         // otherwise (it could not be reached for a TTL): revoking frees our
         // claims and registration now instead of when etcd expires the lease.
@@ -59,6 +84,7 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
         if shutdown.is_cancelled() {
             return;
         }
+        metrics::counter!(crate::telemetry::LEASE_LOSSES, "role" => "worker").increment(1);
         warn!(worker = %options.id, "lease lost; running tasks were abandoned, registering again");
     }
 }
@@ -102,9 +128,19 @@ pub async fn keep_alive(kv: Arc<dyn KvStore>, lease: LeaseId, timings: LeaseTimi
     scope.cancel();
 }
 
-async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lease: LeaseId, scope: CancellationToken) {
+/// Claims and runs tasks one at a time until `scope` is cancelled (the lease is
+/// gone: a running task is abandoned) or `stop` is (a drain: no new claim, the
+/// running task finishes).
+async fn slot_loop(
+    kv: Arc<dyn KvStore>,
+    keys: Keys,
+    options: WorkerOptions,
+    lease: LeaseId,
+    scope: CancellationToken,
+    stop: CancellationToken,
+) {
     let queue = TaskQueue { kv: kv.as_ref(), keys: &keys };
-    while !scope.is_cancelled() {
+    while !scope.is_cancelled() && !stop.is_cancelled() {
         let revision = queue.revision().await.unwrap_or(0);
         match queue.claim_next(&options.id, lease).await {
             Ok(Some((task, claim))) => {
@@ -114,6 +150,7 @@ async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lea
             Ok(None) => {
                 tokio::select! {
                     _ = scope.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     waited = queue.wait_for_work(revision, options.timings.poll_interval()) => {
                         if waited.is_err() {
                             tokio::time::sleep(RETRY_DELAY).await;
@@ -125,6 +162,7 @@ async fn slot_loop(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions, lea
                 warn!(worker = %options.id, %error, "cannot claim a task; retrying");
                 tokio::select! {
                     _ = scope.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(RETRY_DELAY) => {}
                 }
             }
@@ -150,6 +188,14 @@ async fn run_claimed(queue: &TaskQueue<'_>, worker: &str, claim: &str, task: Tas
     if scope.is_cancelled() {
         return;
     }
+    let outcome_label = match &result {
+        Ok(_) => "done",
+        Err(error) if error.is_retryable() => "failed_retryable",
+        Err(_) => "failed",
+    };
+    let labels = [("pipeline", task.id.pipeline.clone()), ("flow", task.id.flow.clone())];
+    metrics::histogram!(crate::telemetry::TASK_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!(crate::telemetry::TASKS, "outcome" => outcome_label).increment(1);
     let outcome = match result {
         Ok(result) => {
             info!(rows = result.rows, files = result.files, seconds = started.elapsed().as_secs_f64(), "task done");

@@ -41,11 +41,20 @@ pub struct CoordinatorArgs {
     /// This coordinator's id; host name and process id by default.
     #[arg(long, env = "SLUICE_COORDINATOR_ID")]
     pub id: Option<String>,
+    /// Require `authorization: Bearer <token>` on the Sluice API, the token being
+    /// this file's content (read again when it changes, so it can be rotated).
+    /// Health checking and reflection stay open, for probes.
+    #[arg(long, env = "SLUICE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+    /// Only pipelines whose every location starts with one of these prefixes
+    /// (comma-separated, e.g. `s3://lake/,s3://landing/`) are accepted; any by default.
+    #[arg(long, env = "SLUICE_ALLOWED_LOCATIONS", value_delimiter = ',')]
+    pub allowed_locations: Vec<String>,
 }
 
 pub fn main() -> ExitCode {
     let args = CoordinatorArgs::parse();
-    sluice_worker::cluster_cli::init_tracing(&args.cluster.log);
+    sluice_worker::cluster_cli::init_tracing(&args.cluster.log, args.cluster.log_format == "json");
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().thread_name("sluice-coordinator").enable_all().build() {
             Ok(runtime) => runtime,
@@ -64,6 +73,12 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
     let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
     let (keys, timings) = (args.cluster.keys(), args.cluster.timings());
 
+    if let Some(address) = args.cluster.metrics_listen
+        && let Err(e) = sluice_worker::telemetry::serve_metrics(address)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let Some(kv) = sluice_worker::cluster_cli::connect_etcd(&args.cluster.etcd, &shutdown).await else {
         return ExitCode::SUCCESS;
     };
@@ -88,7 +103,12 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
         }
     };
     info!(%id, listen = %args.listen, advertise, etcd = %args.cluster.etcd.join(","), namespace = %args.cluster.namespace, "sluice-coordinator starting");
-    let service = SluiceServer::new(SluiceService::new(kv.clone(), keys.clone()));
+    let policy = super::server::SubmitPolicy { allowed_locations: args.allowed_locations.clone() };
+    let service = SluiceServer::new(SluiceService::new(kv.clone(), keys.clone()).with_policy(policy));
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        super::auth::BearerToken::new(args.auth_token_file.clone()),
+    );
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -111,6 +131,7 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
             break;
         };
         let leadership = Arc::new(leadership);
+        metrics::gauge!(sluice_worker::telemetry::LEADER).set(1.0);
         let manager = Manager::new(kv.clone(), keys.clone(), timings, leadership.clone());
         let lead = tokio::spawn(manager.lead());
         let lost = leadership.lost();
@@ -123,10 +144,12 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
                 // Revoke the lease in case etcd still counts it (we could not reach it
                 // for a TTL), so that whoever campaigns next does not wait for it.
                 leadership.resign().await;
+                metrics::counter!(sluice_worker::telemetry::LEASE_LOSSES, "role" => "coordinator").increment(1);
                 warn!("lost leadership; campaigning again");
             }
         }
         let _ = lead.await;
+        metrics::gauge!(sluice_worker::telemetry::LEADER).set(0.0);
     }
     let _ = server.await;
     info!("sluice-coordinator stopped");

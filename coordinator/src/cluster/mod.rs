@@ -3,6 +3,7 @@
 //! API every coordinator serves ([`server`]), and the `sluice-coordinator`
 //! binary ([`cli`]). The key layout is documented in `sluice_proto::keys`.
 
+pub mod auth;
 pub mod cli;
 pub mod leader;
 pub mod manager;

@@ -63,11 +63,44 @@ impl From<ApiError> for Status {
 pub struct SluiceService {
     kv: Arc<dyn KvStore>,
     keys: Keys,
+    policy: SubmitPolicy,
+}
+
+/// The largest pipeline file a submit may carry.
+pub const MAX_PIPELINE_BYTES: usize = 1 << 20;
+
+/// What this deployment accepts beyond a valid pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitPolicy {
+    /// Every location must start with one of these; empty: any location.
+    pub allowed_locations: Vec<String>,
+}
+
+impl SubmitPolicy {
+    fn check(&self, spec: &sluice_proto::spec::PipelineSpec) -> Result<(), ApiError> {
+        if self.allowed_locations.is_empty() {
+            return Ok(());
+        }
+        for location in crate::pipeline_runner::locations(spec) {
+            if !self.allowed_locations.iter().any(|prefix| location.as_str().starts_with(prefix.as_str())) {
+                return Err(ApiError::InvalidPipeline(format!(
+                    "{location} is outside the locations this deployment allows ({}); ask its operators, or use one of those",
+                    self.allowed_locations.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SluiceService {
     pub fn new(kv: Arc<dyn KvStore>, keys: Keys) -> Self {
-        Self { kv, keys }
+        Self { kv, keys, policy: SubmitPolicy::default() }
+    }
+
+    pub fn with_policy(mut self, policy: SubmitPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     async fn record(&self, name: &str) -> Result<(PipelineRecord, Vec<u8>), ApiError> {
@@ -156,8 +189,16 @@ impl SluiceService {
         {
             return Err(ApiError::InvalidArgument(format!("base_dir must be an absolute path, not `{dir}`")));
         }
+        if request.yaml.len() > MAX_PIPELINE_BYTES {
+            return Err(ApiError::InvalidPipeline(format!(
+                "the pipeline file is {} bytes; at most {MAX_PIPELINE_BYTES} are accepted",
+                request.yaml.len()
+            )));
+        }
         let spec = parse_pipeline(&request.yaml, base_dir.as_deref().map(Path::new))
             .map_err(|e| ApiError::InvalidPipeline(e.to_string()))?;
+        crate::pipeline_runner::preflight(&spec).map_err(|e| ApiError::InvalidPipeline(e.to_string()))?;
+        self.policy.check(&spec)?;
         let record = PipelineRecord {
             name: spec.name.clone(),
             yaml: request.yaml,

@@ -117,11 +117,13 @@ async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
         replace_rows_per_key: false,
     };
     let stream = Box::pin(RecordBatchStreamAdapter::new(schema(), futures::stream::iter([Ok(changes)])));
-    let output = merge_changes(&spec, &table_url, version, stream, &schema()).await.expect("merge");
+    let output =
+        merge_changes(&spec, &table_url, version, stream, &schema(), &Default::default()).await.expect("merge");
     let merged = started.elapsed().as_secs_f64();
     let (delta_schema, _) = to_delta(&schema()).expect("a Delta schema");
     let request = BatchCommit {
         table_url,
+        storage: Default::default(),
         app_id: "bench".into(),
         batch: 1,
         adds: output.adds,
