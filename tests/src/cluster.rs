@@ -48,15 +48,23 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Starts etcd on free ports. A port can be taken between `free_port` and
+    /// etcd's bind (the tests of a binary run in parallel), so an etcd that does
+    /// not come up is started again on other ports, up to three times.
     pub fn start() -> Self {
-        let mut etcd = Self {
-            child: None,
-            data: tempfile::tempdir().expect("a data directory"),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        etcd.spawn();
-        etcd
+        for _ in 0..3 {
+            let mut etcd = Self {
+                child: None,
+                data: tempfile::tempdir().expect("a data directory"),
+                client_port: free_port(),
+                peer_port: free_port(),
+            };
+            etcd.spawn_child();
+            if etcd.wait_healthy(Duration::from_secs(30)) {
+                return etcd;
+            }
+        }
+        panic!("etcd did not become healthy within 30 s, three times on different ports");
     }
 
     pub fn endpoint(&self) -> String {
@@ -64,6 +72,15 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
+        self.spawn_child();
+        assert!(
+            self.wait_healthy(Duration::from_secs(30)),
+            "etcd did not become healthy on port {} within 30 s",
+            self.client_port
+        );
+    }
+
+    fn spawn_child(&mut self) {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(etcd_bin())
@@ -78,18 +95,22 @@ impl Etcd {
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(30));
     }
 
-    fn wait_healthy(&self, timeout: Duration) {
+    /// Whether etcd answers healthy within `timeout`; `false` at once if it exited.
+    fn wait_healthy(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.healthy() {
-                return;
+                return true;
+            }
+            if self.child.as_mut().is_none_or(|c| c.try_wait().is_ok_and(|status| status.is_some())) {
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("etcd did not become healthy on port {} within {timeout:?}", self.client_port);
+        self.stop();
+        false
     }
 
     fn healthy(&self) -> bool {
