@@ -16,7 +16,12 @@ use sluice_proto::storage::StorageOptions;
 use tracing::warn;
 use url::Url;
 
+use crate::commit::load_table;
 use crate::progress::BatchReport;
+use sluice_worker::storage::table_builder;
+
+/// The integer columns, `batch` to `quarantined_rows`, in schema order.
+const INT_COLUMNS: usize = 9;
 
 /// One row of the event log.
 #[derive(Debug, Clone)]
@@ -68,10 +73,6 @@ impl EventLog {
         Self { url, storage: storage.clone(), pipeline: pipeline.to_string() }
     }
 
-    pub fn url(&self) -> &Url {
-        &self.url
-    }
-
     /// Appends `events` in one commit; a failure is logged, not returned.
     pub async fn append(&self, events: &[Event]) {
         if events.is_empty() {
@@ -86,15 +87,15 @@ impl EventLog {
     async fn try_append(&self, events: &[Event]) -> Result<(), String> {
         let batch = self.batch(events).map_err(|e| e.to_string())?;
         sluice_worker::storage::ensure_local_dir(&self.url).map_err(|e| e.to_string())?;
-        let options = sluice_worker::storage::delta_options(&self.url, &self.storage).map_err(|e| e.to_string())?;
         // Not `try_from_url`: loading a table that does not exist yet makes the
         // Delta kernel log an error, on the first run of every pipeline.
-        let mut table = deltalake::DeltaTableBuilder::from_url(self.url.clone())
-            .and_then(|builder| builder.with_storage_options(options).build())
-            .map_err(|e| e.to_string())?;
-        if table.verify_deltatable_existence().await.map_err(|e| e.to_string())? {
-            table.load().await.map_err(|e| e.to_string())?;
-        }
+        let table = match load_table(&self.url, &self.storage).await.map_err(|e| e.to_string())? {
+            Some(table) => table,
+            None => table_builder(&self.url, &self.storage)
+                .map_err(|e| e.to_string())?
+                .build()
+                .map_err(|e| e.to_string())?,
+        };
         table.write(vec![batch]).with_save_mode(SaveMode::Append).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
@@ -102,7 +103,7 @@ impl EventLog {
         let now = chrono::Utc::now().timestamp_micros();
         let mut at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
         let (mut pipeline, mut flow, mut kind) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
-        let mut ints: Vec<Int64Builder> = (0..8).map(|_| Int64Builder::new()).collect();
+        let mut ints: Vec<Int64Builder> = (0..INT_COLUMNS).map(|_| Int64Builder::new()).collect();
         let (mut expectations, mut merge, mut error) =
             (StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
         let mut seconds = Float64Builder::new();
@@ -122,6 +123,7 @@ impl EventLog {
                 report.and_then(|r| r.source_versions).map(|(first, _)| first as i64),
                 report.and_then(|r| r.source_versions).map(|(_, last)| last as i64),
                 report.map(|_| quality.map_or(0, |q| q.malformed_rows as i64)),
+                report.map(|_| quality.map_or(0, |q| q.quarantined_rows as i64)),
             ];
             for (builder, value) in ints.iter_mut().zip(values) {
                 builder.append_option(value);
@@ -135,33 +137,15 @@ impl EventLog {
             seconds.append_option(report.map(|r| r.seconds));
             error.append_option(event.error.as_deref());
         }
-        let mut ints = ints.into_iter().map(|mut b| Arc::new(b.finish()) as arrow::array::ArrayRef);
-        let mut next = || ints.next().expect("eight integer columns");
-        let quarantined: Vec<Option<i64>> = events
-            .iter()
-            .map(|e| e.report.as_ref().map(|r| r.quality.as_ref().map_or(0, |q| q.quarantined_rows as i64)))
-            .collect();
-        RecordBatch::try_new(
-            schema(),
-            vec![
-                Arc::new(at.finish()),
-                Arc::new(pipeline.finish()),
-                Arc::new(flow.finish()),
-                Arc::new(kind.finish()),
-                next(),
-                next(),
-                next(),
-                next(),
-                next(),
-                next(),
-                next(),
-                next(),
-                Arc::new(arrow::array::Int64Array::from(quarantined)),
-                Arc::new(expectations.finish()),
-                Arc::new(merge.finish()),
-                Arc::new(seconds.finish()),
-                Arc::new(error.finish()),
-            ],
-        )
+        let mut columns: Vec<arrow::array::ArrayRef> =
+            vec![Arc::new(at.finish()), Arc::new(pipeline.finish()), Arc::new(flow.finish()), Arc::new(kind.finish())];
+        columns.extend(ints.iter_mut().map(|b| Arc::new(b.finish()) as arrow::array::ArrayRef));
+        columns.extend([
+            Arc::new(expectations.finish()) as arrow::array::ArrayRef,
+            Arc::new(merge.finish()),
+            Arc::new(seconds.finish()),
+            Arc::new(error.finish()),
+        ]);
+        RecordBatch::try_new(schema(), columns)
     }
 }

@@ -205,10 +205,6 @@ impl ProgressSink {
         Self { sender: self.sender.clone(), pipeline: Arc::from(pipeline) }
     }
 
-    pub fn pipeline(&self) -> &str {
-        &self.pipeline
-    }
-
     pub fn send(&self, event: ProgressEvent) {
         record(&self.pipeline, &event);
         if let Some(sender) = &self.sender {

@@ -116,7 +116,6 @@ pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["secret", "key", "token", "password", "sas", "credential", "signature"].iter().any(|word| key.contains(word))
         && !key.ends_with("_id")
-        && !key.ends_with("key_id")
 }
 
 fn resolve(key: &str, value: &str) -> Result<String, UnsetVariable> {

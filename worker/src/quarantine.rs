@@ -12,7 +12,6 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use base64::Engine;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
-
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use deltalake::kernel::{Add, StructType};
 

@@ -37,9 +37,9 @@ use crate::error::WorkerError;
 /// Schemes served by object_store's cloud stores.
 pub const CLOUD_SCHEMES: &[&str] = &["s3", "s3a", "az", "abfs", "abfss", "azure", "gs"];
 
-/// The store for `url` and the path of `url` inside it. Options that are not
-/// object-store options (delta-rs' own) are refused here, naming the option,
-/// so that a misspelt key is an error rather than silently ignored.
+/// The store for `url` and the path of `url` inside it. An option that is
+/// neither the store's nor delta-rs' own is refused here, naming it, so that a
+/// misspelt key is an error rather than silently ignored.
 pub fn store_for(url: &Url, storage: &StorageOptions) -> Result<(Arc<dyn ObjectStore>, Path), WorkerError> {
     match url.scheme() {
         "file" => {
@@ -106,7 +106,7 @@ impl ObjectStoreFactory for CloudStores {
     fn parse_url_opts(&self, url: &Url, config: &StorageConfig) -> DeltaResult<(ObjectStoreRef, Path)> {
         // delta-rs passes its own options along (retries, limits): not strict here.
         let store = cloud_store(url, &config.raw, false).map_err(deltalake::DeltaTableError::Generic)?;
-        let path = Path::from_url_path(url.path()).map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
+        let path = path_in_bucket(url).map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
         Ok((store, path))
     }
 }

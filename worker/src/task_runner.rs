@@ -11,7 +11,6 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
 use delta_kernel::table_properties::DataSkippingNumIndexedCols;
-
 use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
 use futures::StreamExt;
 use sluice_proto::spec::{OnMalformed, SchemaEvolution, SchemaSample};

@@ -61,15 +61,17 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
         }
         tokio::select! {
             _ = lease_scope.cancelled() => {}
-            _ = shutdown.cancelled() => {
+            // A drain of zero (the embedded runtime, whose run is over) has nothing to wait for.
+            _ = shutdown.cancelled(), if options.drain_timeout.is_zero() => lease_scope.cancel(),
+            _ = shutdown.cancelled(), if !options.drain_timeout.is_zero() => {
                 // Drain: no new claims (the slots see `shutdown`), running tasks finish.
-                let busy = slots.len();
                 info!(worker = %options.id, deadline = ?options.drain_timeout, "draining: no new tasks; waiting for running ones");
                 let finished = tokio::time::timeout(options.drain_timeout, async {
                     while slots.join_next().await.is_some() {}
                 })
                 .await;
                 if finished.is_err() {
+                    let busy = slots.len();
                     warn!(worker = %options.id, busy, "drain deadline passed; abandoning the running tasks to other workers");
                 }
                 lease_scope.cancel();
