@@ -7,6 +7,7 @@
 # - etcd (Debian `etcd-server`, 3.4): the cluster tests start their own server
 #   on a free loopback port with a temporary data directory.
 # - kill (procps): the crash tests send SIGKILL, SIGSTOP and SIGTERM.
+# - openssl: the TLS tests make their own CA and certificates.
 # - moto's S3 server (PyPI `moto[server]`), Azure's blob emulator (npm
 #   `azurite`) and Azure's Python SDK (to create the emulator's containers):
 #   the object-store tests start their own servers on free loopback ports.
@@ -22,6 +23,7 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 command -v kill >/dev/null 2>&1 || [ -x /bin/kill ] || missing+=(procps)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   sudo=""

@@ -38,6 +38,16 @@ struct Cli {
     /// Bearer token for a cluster whose coordinators require one (`--auth-token-file`).
     #[arg(long, env = "SLUICE_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// The CA (PEM) that signed the coordinators' certificate, for `https://`
+    /// addresses; the system's roots when not given.
+    #[arg(long, env = "SLUICE_CA_CERT", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), for coordinators that require one (`--tls-client-ca`).
+    #[arg(long, env = "SLUICE_CLIENT_CERT", global = true, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// The private key of `--client-cert` (PEM).
+    #[arg(long, env = "SLUICE_CLIENT_KEY", global = true, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -122,6 +132,18 @@ pub fn main() -> ExitCode {
                 Ok(remote) => remote,
                 Err(e) => {
                     eprintln!("error: --token: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let tls = sluice_proto::tls::ClientTlsFiles {
+                ca: cli.ca_cert.clone(),
+                cert: cli.client_cert.clone(),
+                key: cli.client_key.clone(),
+            };
+            let remote = match remote.with_tls(&tls) {
+                Ok(remote) => remote,
+                Err(e) => {
+                    eprintln!("error: TLS: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -268,7 +290,8 @@ fn init_tracing(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Colours only on a terminal: a log file or a pipe gets plain text.
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
         LogFormat::Json => builder.json().init(),
     }
 }

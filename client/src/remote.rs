@@ -37,12 +37,34 @@ impl ClientError {
 
     fn from_status(status: Status, url: &str) -> Self {
         match status.code() {
-            Code::Unavailable | Code::Unknown if status.message().contains("transport") => {
-                ClientError::Unreachable { urls: url.to_string(), reason: short_reason(status.message()) }
+            Code::Unavailable | Code::Unknown | Code::Internal
+                if status.message().contains("transport") || status.message().contains("h2 protocol error") =>
+            {
+                let chain = match std::error::Error::source(&status) {
+                    Some(source) => format!("{}: {}", status.message(), error_chain(source)),
+                    None => status.message().to_string(),
+                };
+                ClientError::Unreachable { urls: url.to_string(), reason: transport_reason(url, &chain) }
             }
             code => ClientError::Rejected { code, message: status.message().to_string() },
         }
     }
+}
+
+/// What a transport error means for a user of `url`: [`short_reason`], or,
+/// for a connection the coordinator closed at once, the usual TLS mismatches.
+fn transport_reason(url: &str, chain: &str) -> String {
+    let lower = chain.to_ascii_lowercase();
+    let closed = ["broken pipe", "connection reset", "connection closed", "h2 protocol error"];
+    if closed.iter().any(|s| lower.contains(s)) {
+        let hint = if url.starts_with("https://") {
+            "if it requires client certificates, pass --client-cert and --client-key"
+        } else {
+            "if it serves TLS, use an https:// address"
+        };
+        return format!("the coordinator closed the connection ({hint})");
+    }
+    short_reason(chain)
 }
 
 /// The innermost, most telling part of a transport error chain.
@@ -54,6 +76,17 @@ fn short_reason(message: &str) -> String {
         "timed out".into()
     } else if lower.contains("dns") || lower.contains("resolve") {
         "unknown host".into()
+    } else if lower.contains("unknownissuer") {
+        "its TLS certificate is not signed by a CA this client trusts (pass the CA with --ca-cert or SLUICE_CA_CERT)"
+            .into()
+    } else if lower.contains("notvalidforname") {
+        "its TLS certificate is not valid for this host name".into()
+    } else if lower.contains("expired") && lower.contains("certificate") {
+        "its TLS certificate has expired".into()
+    } else if lower.contains("certificaterequired") || lower.contains("certificate required") {
+        "it requires a client certificate (pass --client-cert and --client-key)".into()
+    } else if lower.contains("badcertificate") || lower.contains("unknownca") || lower.contains("bad certificate") {
+        "it does not accept this client certificate".into()
     } else {
         message.lines().next().unwrap_or(message).to_string()
     }
@@ -63,6 +96,8 @@ fn short_reason(message: &str) -> String {
 pub struct Remote {
     urls: Vec<String>,
     auth: Auth,
+    /// For `https://` addresses.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Sends `authorization: Bearer <token>` with every call when a token is set.
@@ -89,7 +124,21 @@ impl Remote {
             .filter(|u| !u.is_empty())
             .map(|u| if u.contains("://") { u.to_string() } else { format!("http://{u}") })
             .collect();
-        Self { urls, auth: Auth::default() }
+        Self { urls, auth: Auth::default(), tls: None }
+    }
+
+    /// Trusts this CA (the system's roots by default) and presents this client
+    /// certificate, if any, to `https://` coordinators. A CA or a certificate
+    /// given for `http://` addresses is an error: the connection would not use it.
+    pub fn with_tls(mut self, files: &sluice_proto::tls::ClientTlsFiles) -> Result<Self, String> {
+        let https = self.urls.iter().any(|u| u.starts_with("https://"));
+        if files.is_set() && !https {
+            return Err("a CA or client certificate is given, but the coordinator address is not https://".into());
+        }
+        if https {
+            self.tls = Some(files.config()?);
+        }
+        Ok(self)
     }
 
     /// Authenticates every call with this bearer token (a coordinator started
@@ -108,7 +157,7 @@ impl Remote {
     async fn client(&self) -> Result<Client, ClientError> {
         let mut reasons = Vec::new();
         for url in &self.urls {
-            match connect(url, &self.auth).await {
+            match connect(url, &self.auth, self.tls.as_ref()).await {
                 Ok(client) => return Ok(client),
                 Err(reason) => reasons.push(reason),
             }
@@ -126,7 +175,7 @@ impl Remote {
     {
         let mut last = None;
         for url in &self.urls {
-            let client = match connect(url, &self.auth).await {
+            let client = match connect(url, &self.auth, self.tls.as_ref()).await {
                 Ok(client) => client,
                 Err(reason) => {
                     last = Some(ClientError::Unreachable { urls: url.clone(), reason });
@@ -241,21 +290,28 @@ impl Remote {
 }
 
 /// Connects to one coordinator; the error is the reason, ready for [`ClientError::Unreachable`].
-async fn connect(url: &str, auth: &Auth) -> Result<Client, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+async fn connect(url: &str, auth: &Auth, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Client, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: invalid address ({e})"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|e| short_reason(&error_chain(&e)))?;
+    if let Some(tls) = tls.filter(|_| url.starts_with("https://")) {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("{url}: TLS: {}", error_chain(&e)))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| transport_reason(url, &error_chain(&e)))?;
     Ok(SluiceClient::with_interceptor(channel, auth.clone()))
 }
 
+/// The error and its causes, each said once (a cause that repeats its wrapper's text is left out).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = cause.source();
     }
     text

@@ -4,6 +4,7 @@
 //! <checkpoint>/flows/<flow>/batches/<batch:020>.json   the batch plan, written before any task runs
 //! <checkpoint>/flows/<flow>/commits/<batch:020>.json   the ledger entry, written once the batch is committed
 //! <checkpoint>/flows/<flow>/schemas/<version:020>.json the source schema in use (inferred or declared)
+//! <checkpoint>/flows/<flow>/listing.json               when the source was last listed in full
 //! ```
 //!
 //! The files ingested so far (the ledger) are those of every committed batch's
@@ -70,6 +71,18 @@ pub struct SchemaRecord {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<u64>,
+}
+
+/// When a files source was last listed in full (incremental listings start
+/// after the greatest key ingested, and a full one, a backfill, is due after
+/// the source's `backfill_interval`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListingRecord {
+    pub full_listing_at_ms: i64,
+    /// Full listings in a row whose new files all had keys above the greatest
+    /// key ingested before them (evidence that keys arrive in lexical order).
+    #[serde(default)]
+    pub ordered_listings: u32,
 }
 
 pub struct Checkpoint {
@@ -183,6 +196,19 @@ impl Checkpoint {
         let path = self.path(flow, "commits", record.batch);
         self.store.put(&path, self.encode(record)?).await.map_err(|e| self.error(e))?;
         Ok(())
+    }
+
+    pub async fn last_full_listing(&self, flow: &str) -> Result<Option<ListingRecord>, CoordinatorError> {
+        self.read_json(&self.listing_path(flow)).await
+    }
+
+    pub async fn record_full_listing(&self, flow: &str, record: &ListingRecord) -> Result<(), CoordinatorError> {
+        self.store.put(&self.listing_path(flow), self.encode(record)?).await.map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    fn listing_path(&self, flow: &str) -> Path {
+        self.root.clone().join("flows").join(flow).join("listing.json")
     }
 
     pub async fn latest_schema(&self, flow: &str) -> Result<Option<SchemaRecord>, CoordinatorError> {

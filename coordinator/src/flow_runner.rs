@@ -15,11 +15,12 @@ use std::time::Instant;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::DeltaTable;
 use deltalake::kernel::{Add, AddCDCFile, Remove, StructType};
+use futures::{StreamExt, TryStreamExt};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::schema_ddl::to_ddl;
-use sluice_proto::spec::{FilesSource, FlowSpec, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
+use sluice_proto::spec::{FilesSource, FlowSpec, Listing, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
 use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::{
     MergeCounts, MergeTask, NewColumns, Quality, SourceFile, TaskFailure, TaskId, TaskOutcome, TaskResult, TaskSpec,
@@ -35,11 +36,11 @@ use sluice_worker::quarantine;
 use sluice_worker::rescue::with_rescued_column;
 use sluice_worker::transform;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::checkpoint::{BatchPlan, Checkpoint, CommitRecord, SchemaRecord};
+use crate::checkpoint::{BatchPlan, Checkpoint, CommitRecord, ListingRecord, SchemaRecord};
 use crate::commit::{BatchCommit, CommitKind, CommitOutcome, commit_batch, committed_batch, load_table};
-use crate::discovery::{Ledger, list_source};
+use crate::discovery::{Ledger, head_file, list_source};
 use crate::error::CoordinatorError;
 use crate::planner::{next_batch, split_into_tasks};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent, ProgressSink};
@@ -86,6 +87,16 @@ pub struct FlowContext {
     pub progress: ProgressSink,
 }
 
+/// How many full listings in a row must find their new files above the
+/// greatest key ingested before `listing: auto` lists incrementally.
+pub const ORDERED_LISTINGS_FOR_AUTO: u32 = 3;
+
+/// A listing of the source, and whether it started after the greatest key ingested.
+struct Listed {
+    files: Vec<SourceFile>,
+    incremental: bool,
+}
+
 /// The flow's progress as recovered from the checkpoint and the table.
 struct FlowState {
     ledger: Ledger,
@@ -100,12 +111,15 @@ pub struct FlowRunner {
     source: FilesSource,
     state: Option<FlowState>,
     warned_rewrites: HashSet<SourceFile>,
+    /// When the source was last listed in full, and what that showed (read
+    /// from the checkpoint once, then kept up to date).
+    listing_record: Option<Option<ListingRecord>>,
 }
 
 impl FlowRunner {
     /// A runner for a flow with a `files:` source.
     pub fn new(ctx: FlowContext, source: FilesSource) -> Self {
-        Self { ctx, source, state: None, warned_rewrites: HashSet::new() }
+        Self { ctx, source, state: None, warned_rewrites: HashSet::new(), listing_record: None }
     }
 
     fn flow(&self) -> &str {
@@ -130,13 +144,13 @@ impl FlowRunner {
             }
         };
         let source = self.source.clone();
-        let listed = list_source(self.flow(), &source, &self.ctx.storage).await?;
+        let listed = self.list(&state).await?;
         if let Some(plan) = state.pending.take()
             && let Some(plan) = self.refresh_pending_plan(plan, &listed).await?
         {
             self.run_and_record(&plan, &mut state, summary, true).await?;
         }
-        let discovered = state.ledger.compare(listed);
+        let discovered = state.ledger.compare(listed.files);
         let mut new = discovered.new;
         for file in discovered.rewritten {
             if source.allow_overwrites {
@@ -169,6 +183,69 @@ impl FlowRunner {
         self.state = Some(state);
         self.ctx.progress.send(ProgressEvent::FlowCaughtUp { flow: self.flow().to_string() });
         Ok(())
+    }
+
+    /// Lists the source: incrementally (after the greatest key ingested) when
+    /// [`Self::listing_offset`] says so, in full otherwise. A full listing is
+    /// recorded in the checkpoint with what it showed of the keys' order.
+    async fn list(&mut self, state: &FlowState) -> Result<Listed, CoordinatorError> {
+        let record = match &self.listing_record {
+            Some(record) => record.clone(),
+            None => self.listing_record.insert(self.ctx.checkpoint.last_full_listing(self.flow()).await?).clone(),
+        };
+        let offset = self.listing_offset(state, record.as_ref());
+        let started = Instant::now();
+        let files = list_source(self.flow(), &self.source, &self.ctx.storage, offset.as_ref()).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let kind = if offset.is_some() { "incremental" } else { "full" };
+        let (pipeline, flow) = (self.ctx.pipeline.clone(), self.flow().to_string());
+        metrics::histogram!(sluice_worker::telemetry::LISTING_SECONDS, "pipeline" => pipeline, "flow" => flow, "listing" => kind)
+            .record(seconds);
+        debug!(flow = self.flow(), listing = kind, files = files.len(), seconds, "source listed");
+        if offset.is_none() && self.source.listing != Listing::Full {
+            let mut ordered_listings = record.as_ref().map_or(0, |r| r.ordered_listings);
+            match state.ledger.new_keys_in_order(&files) {
+                Some(true) => ordered_listings += 1,
+                Some(false) => ordered_listings = 0,
+                None => {}
+            }
+            let record = ListingRecord { full_listing_at_ms: now_ms(), ordered_listings };
+            self.ctx.checkpoint.record_full_listing(self.flow(), &record).await?;
+            self.listing_record = Some(Some(record));
+        }
+        Ok(Listed { files, incremental: offset.is_some() })
+    }
+
+    /// Where the next listing starts: after the greatest key ingested when keys
+    /// are known to arrive in lexical order, unless a backfill (a full listing)
+    /// is due; `None` for a full listing. `listing: incremental` takes the
+    /// order on trust; `auto` wants the evidence: a ledger whose every batch
+    /// came after the ones before, and [`ORDERED_LISTINGS_FOR_AUTO`] full
+    /// listings in a row whose new files all lay above the greatest key
+    /// ingested, and no `allow_overwrites` (only full listings see rewrites).
+    fn listing_offset(&self, state: &FlowState, record: Option<&ListingRecord>) -> Option<object_store::path::Path> {
+        let last_key = state.ledger.last_key()?;
+        let incremental = match self.source.listing {
+            Listing::Full => false,
+            Listing::Incremental => true,
+            Listing::Auto => {
+                !self.source.allow_overwrites
+                    && state.ledger.ordered()
+                    && record.is_some_and(|r| r.ordered_listings >= ORDERED_LISTINGS_FOR_AUTO)
+            }
+        };
+        if !incremental {
+            return None;
+        }
+        if let Some(interval) = self.source.backfill_interval {
+            let due =
+                record.is_none_or(|r| now_ms().saturating_sub(r.full_listing_at_ms) >= interval.as_millis() as i64);
+            if due {
+                info!(flow = self.flow(), "backfill: listing the whole source (backfill_interval)");
+                return None;
+            }
+        }
+        Some(last_key.clone())
     }
 
     async fn run_and_record(
@@ -256,13 +333,35 @@ impl FlowRunner {
     async fn refresh_pending_plan(
         &self,
         plan: BatchPlan,
-        listed: &[SourceFile],
+        listed: &Listed,
     ) -> Result<Option<BatchPlan>, CoordinatorError> {
-        let current: HashMap<&str, &SourceFile> = listed.iter().map(|f| (f.url.as_str(), f)).collect();
+        let mut current: HashMap<String, SourceFile> =
+            listed.files.iter().map(|f| (f.url.clone(), f.clone())).collect();
+        if listed.incremental {
+            // An incremental listing may not reach the plan's files: look them up one by one.
+            let lookups: Vec<_> = plan
+                .files
+                .iter()
+                .filter(|f| !current.contains_key(&f.url))
+                .map(|file| {
+                    let (url, storage) = (file.url.clone(), self.ctx.storage.clone());
+                    async move { head_file(&url, &storage).await }
+                })
+                .collect();
+            let found: Vec<Option<SourceFile>> =
+                futures::stream::iter(lookups).buffer_unordered(16).try_collect().await.map_err(|message| {
+                    CoordinatorError::SourceListing {
+                        flow: self.flow().to_string(),
+                        path: self.source.location.to_string(),
+                        message,
+                    }
+                })?;
+            current.extend(found.into_iter().flatten().map(|f| (f.url.clone(), f)));
+        }
         let mut refreshed = BatchPlan { files: Vec::with_capacity(plan.files.len()), ..plan.clone() };
         for file in &plan.files {
             match current.get(file.url.as_str()) {
-                Some(now) => refreshed.files.push((*now).clone()),
+                Some(now) => refreshed.files.push(now.clone()),
                 None => {
                     info!(flow = self.flow(), batch = plan.batch, file = %file.url, "file of an uncommitted batch was deleted; it is left out");
                     let event = ProgressEvent::PlannedFileVanished {
@@ -995,4 +1094,8 @@ pub(crate) fn commit_info(
 
 fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }

@@ -17,17 +17,64 @@ use etcd_client::{
 };
 
 use crate::kv::{KvError, KvStore, LeaseId, Listing};
+use crate::tls::ClientTlsFiles;
 
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// TLS to etcd: used when an endpoint is `https://` or a file is given.
+    pub tls: ClientTlsFiles,
+    /// etcd's own authentication (its token is refreshed when it expires).
+    pub user: Option<EtcdUser>,
+}
+
+#[derive(Clone)]
+pub struct EtcdUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl EtcdOptions {
     pub fn new(endpoints: Vec<String>) -> Self {
-        Self { endpoints, connect_timeout: Duration::from_secs(3), request_timeout: Duration::from_secs(5) }
+        Self {
+            endpoints,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            tls: ClientTlsFiles::default(),
+            user: None,
+        }
+    }
+
+    /// etcd-client's options for these settings; an error names what is wrong.
+    fn connect_options(&self) -> Result<ConnectOptions, String> {
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_timeout(self.request_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let https = self.endpoints.iter().filter(|e| e.trim().starts_with("https://")).count();
+        let http = self.endpoints.iter().filter(|e| e.trim().starts_with("http://")).count();
+        if https > 0 && http > 0 {
+            return Err("etcd endpoints mix http:// and https://; use one scheme".into());
+        }
+        if self.tls.is_set() && http > 0 {
+            return Err("etcd TLS files are given but the endpoints are http://; write them https://".into());
+        }
+        if https > 0 || self.tls.is_set() {
+            connect = connect.with_tls(self.tls.config().map_err(|e| format!("etcd TLS: {e}"))?);
+        }
+        if let Some(user) = &self.user {
+            connect = connect.with_user(user.name.clone(), user.password.clone()).with_auto_token_refresh(true);
+        }
+        Ok(connect)
     }
 }
 
@@ -45,11 +92,7 @@ impl EtcdKv {
     /// Connects to the first reachable endpoint. Fails when none answers within
     /// the connect timeout; the caller retries.
     pub async fn connect(options: &EtcdOptions) -> Result<Self, KvError> {
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
+        let connect = options.connect_options().map_err(KvError::Unavailable)?;
         let endpoints: Vec<String> = options.endpoints.iter().map(|e| e.trim().to_string()).collect();
         let client = Client::connect(&endpoints, Some(connect))
             .await
@@ -58,11 +101,17 @@ impl EtcdKv {
     }
 
     /// Connects, retrying with backoff (up to 5 s apart) until etcd answers.
-    pub async fn connect_with_retry(options: &EtcdOptions) -> Self {
+    /// Fails at once on what waiting cannot fix: options that do not make a
+    /// connection (a TLS file that does not load), or credentials etcd refuses.
+    pub async fn connect_with_retry(options: &EtcdOptions) -> Result<Self, String> {
+        options.connect_options()?;
         let mut delay = Duration::from_millis(200);
         loop {
             match Self::connect(options).await {
-                Ok(kv) => return kv,
+                Ok(kv) => return Ok(kv),
+                Err(error) if error.to_string().contains("authentication failed") => {
+                    return Err(format!("etcd refused the user name or password: {error}"));
+                }
                 Err(error) => tracing::warn!(%error, "etcd is not reachable yet; retrying"),
             }
             tokio::time::sleep(delay).await;

@@ -9,12 +9,14 @@
 //! - [`queue`]: the task queue protocol built on [`kv::KvStore`].
 //! - [`timing`]: lease and heartbeat timings, derived from one TTL.
 //! - [`storage`]: object-store options per location (`storage_options`).
+//! - [`tls`]: client-side TLS settings (CA, client certificate) for gRPC and etcd.
 //!
 //! - [`pb`]: the gRPC API generated from `proto/sluice/v1/sluice.proto`.
 //! - `etcd` (feature `etcd`): the etcd implementation of [`kv::KvStore`] and the
 //!   leader election.
 //!
-//! Apart from the etcd adapter, nothing in this crate performs file or network I/O.
+//! Apart from the etcd adapter and reading TLS files, nothing in this crate
+//! performs file or network I/O.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -30,3 +32,4 @@ pub mod spec;
 pub mod storage;
 pub mod task;
 pub mod timing;
+pub mod tls;

@@ -153,6 +153,10 @@ pub struct RawFilesSource {
     #[serde(default)]
     pub on_malformed: OnMalformed,
     #[serde(default)]
+    pub listing: Listing,
+    #[serde(default)]
+    pub backfill_interval: Option<String>,
+    #[serde(default)]
     pub schema_hints: Option<String>,
     #[serde(default)]
     pub schema_evolution: Option<SchemaEvolution>,
@@ -324,6 +328,26 @@ impl Default for SchemaSample {
     }
 }
 
+/// How a files source finds its new files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Listing {
+    /// Incremental while every batch so far brought keys greater than all the
+    /// earlier batches' keys (time-prefixed names), full otherwise.
+    #[default]
+    Auto,
+    /// Always list after the greatest key ingested: the user vouches that keys
+    /// arrive in lexical order. A file landing under a smaller key waits for the
+    /// next backfill.
+    Incremental,
+    /// Always list everything and compare with the ledger.
+    Full,
+}
+
+/// The default `backfill_interval`: one full listing a day catches files that
+/// incremental listing cannot see (a key below the greatest one ingested).
+pub const DEFAULT_BACKFILL_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
 /// What a record of a source file that cannot be decoded does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -433,6 +457,9 @@ pub struct FilesSource {
     pub allow_overwrites: bool,
     pub csv: CsvOptions,
     pub on_malformed: OnMalformed,
+    pub listing: Listing,
+    /// How often an incremental listing is replaced by a full one; `None`: never.
+    pub backfill_interval: Option<Duration>,
     /// Types that override (or add to) the inferred schema.
     pub schema_hints: Option<Arc<Schema>>,
     pub schema_evolution: SchemaEvolution,
@@ -946,6 +973,16 @@ impl FilesSource {
                 schema_sample.max_bytes = parse_byte_size(&format!("{field}.schema_sample.max_bytes"), bytes)?;
             }
         }
+        let backfill_interval = match raw.backfill_interval.as_deref().map(str::trim) {
+            None => Some(DEFAULT_BACKFILL_INTERVAL),
+            Some("never") => None,
+            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                SpecError::invalid(
+                    format!("{field}.backfill_interval"),
+                    format!("`{text}` is not a duration ({e}); write e.g. `6h` or `1d`, or `never`"),
+                )
+            })?),
+        };
         let storage_options = LocationOptions(option_values(&format!("{field}.storage_options"), raw.storage_options)?);
         Ok(Self {
             location,
@@ -958,6 +995,8 @@ impl FilesSource {
             allow_overwrites: raw.allow_overwrites,
             csv: raw.csv.unwrap_or_default(),
             on_malformed: raw.on_malformed,
+            listing: raw.listing,
+            backfill_interval,
             schema_hints,
             schema_evolution,
             schema_sample,
@@ -1206,6 +1245,25 @@ flows:
         assert_eq!(files.location.path(), "/base/dir/landing/invoices/");
         assert_eq!(flow.sink.properties["delta.appendOnly"], "true");
         assert_eq!(flow.app_id(&spec.name), "sluice:retail/invoices_bronze");
+    }
+
+    #[test]
+    fn listing_and_backfill_interval() {
+        let files = |yaml: &str| parse_pipeline(yaml, None).unwrap().flows[0].files_source().unwrap().clone();
+        let default = files(GOOD);
+        assert_eq!((default.listing, default.backfill_interval), (Listing::Auto, Some(DEFAULT_BACKFILL_INTERVAL)));
+        let set =
+            files(&GOOD.replace(
+                "format: json",
+                "format: json\n        listing: incremental\n        backfill_interval: never",
+            ));
+        assert_eq!((set.listing, set.backfill_interval), (Listing::Incremental, None));
+        let set = files(&GOOD.replace("format: json", "format: json\n        backfill_interval: 6h"));
+        assert_eq!(set.backfill_interval, Some(Duration::from_secs(6 * 3600)));
+        let err = error_of(&GOOD.replace("format: json", "format: json\n        backfill_interval: soon"));
+        assert!(err.contains("flows[0].source.files.backfill_interval") && err.contains("`never`"), "{err}");
+        let err = error_of(&GOOD.replace("format: json", "format: json\n        listing: sometimes"));
+        assert!(err.contains("`auto`, `incremental`, `full`"), "{err}");
     }
 
     #[test]

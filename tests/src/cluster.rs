@@ -45,6 +45,10 @@ pub struct Etcd {
     data: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` (and `/metrics`), whether or not clients use TLS.
+    metrics_port: u16,
+    /// Server certificate, key and the CA clients' certificates must chain to.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
@@ -52,12 +56,24 @@ impl Etcd {
     /// etcd's bind (the tests of a binary run in parallel), so an etcd that does
     /// not come up is started again on other ports, up to three times.
     pub fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// Starts etcd serving clients over TLS with `certs`' server certificate
+    /// and requiring client certificates signed by their CA (`--client-cert-auth`).
+    pub fn start_tls(certs: &crate::tls::Certs) -> Self {
+        Self::start_with_tls(Some((certs.server_cert.clone(), certs.server_key.clone(), certs.ca.clone())))
+    }
+
+    fn start_with_tls(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Self {
         for _ in 0..3 {
             let mut etcd = Self {
                 child: None,
                 data: tempfile::tempdir().expect("a data directory"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                metrics_port: free_port(),
+                tls: tls.clone(),
             };
             etcd.spawn_child();
             if etcd.wait_healthy(Duration::from_secs(30)) {
@@ -68,7 +84,8 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn spawn(&mut self) {
@@ -83,17 +100,20 @@ impl Etcd {
     fn spawn_child(&mut self) {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(etcd_bin())
+        let mut command = Command::new(etcd_bin());
+        command
             .args(["--name", "sluice-test", "--data-dir"])
             .arg(self.data.path().join("etcd"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("sluice-test={peer}")])
-            .args(["--log-level", "error", "--logger", "zap"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd starts");
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", self.metrics_port)])
+            .args(["--log-level", "error", "--logger", "zap"]);
+        if let Some((cert, key, ca)) = &self.tls {
+            command.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+            command.arg("--trusted-ca-file").arg(ca).arg("--client-cert-auth");
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("etcd starts");
         self.child = Some(child);
     }
 
@@ -114,7 +134,7 @@ impl Etcd {
     }
 
     fn healthy(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else { return false };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         if stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
             return false;
@@ -228,6 +248,8 @@ pub struct Cluster {
     pub etcd: Etcd,
     pub namespace: String,
     pub lease_ttl: String,
+    /// Arguments every coordinator and worker gets (etcd TLS and credentials).
+    pub common_args: Vec<String>,
     pub coordinators: Vec<Proc>,
     pub coordinator_urls: Vec<String>,
     pub workers: Vec<Proc>,
@@ -235,10 +257,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(lease_ttl: &str) -> Self {
+        Self::with_etcd(Etcd::start(), lease_ttl)
+    }
+
+    pub fn with_etcd(etcd: Etcd, lease_ttl: &str) -> Self {
         Self {
-            etcd: Etcd::start(),
+            etcd,
             namespace: format!("test-{}", std::process::id()),
             lease_ttl: lease_ttl.to_string(),
+            common_args: Vec::new(),
             coordinators: Vec::new(),
             coordinator_urls: Vec::new(),
             workers: Vec::new(),
@@ -257,13 +284,15 @@ impl Cluster {
         let mut command = Command::new(sibling_bin("sluice-coordinator-under-test"));
         command
             .args(extra)
+            .args(&self.common_args)
             .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", &self.lease_ttl])
             .args(["--id", &format!("coordinator-{index}")])
             .env("SLUICE_LOG", "info,sluice_coordinator=debug")
             .env("SLUICE_FAILPOINTS", failpoints);
         self.coordinators.push(Proc::spawn(&format!("coordinator-{index}"), command));
-        self.coordinator_urls.push(format!("http://127.0.0.1:{port}"));
+        let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
+        self.coordinator_urls.push(format!("{scheme}://127.0.0.1:{port}"));
         self.wait_serving(&self.coordinator_urls[index].clone());
         index
     }
@@ -288,18 +317,24 @@ impl Cluster {
     /// Starts a worker with extra command-line arguments.
     pub fn start_worker_with(&mut self, slots: usize, failpoints: &str, extra: &[&str]) -> usize {
         let index = self.workers.len();
-        let mut command = Command::new(sibling_bin("sluice-worker-under-test"));
-        command
-            .args(extra)
-            .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
-            .args(["--slots", &slots.to_string(), "--lease-ttl", &self.lease_ttl])
-            .args(["--id", &format!("worker-{index}")])
-            .env("SLUICE_LOG", "info")
-            .env("SLUICE_FAILPOINTS", failpoints);
+        let mut command = self.worker_command(slots, index);
+        command.args(extra).env("SLUICE_FAILPOINTS", failpoints);
         let worker = Proc::spawn(&format!("worker-{index}"), command);
         worker.wait_for("worker registered", Duration::from_secs(60));
         self.workers.push(worker);
         index
+    }
+
+    /// The command that starts worker `index` (not started).
+    pub fn worker_command(&self, slots: usize, index: usize) -> Command {
+        let mut command = Command::new(sibling_bin("sluice-worker-under-test"));
+        command
+            .args(&self.common_args)
+            .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
+            .args(["--slots", &slots.to_string(), "--lease-ttl", &self.lease_ttl])
+            .args(["--id", &format!("worker-{index}")])
+            .env("SLUICE_LOG", "info");
+        command
     }
 
     /// Runs the `sluice` CLI in `sandbox` against this cluster's coordinators.

@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod harness;
 pub mod invoices;
 pub mod object_stores;
+pub mod tls;

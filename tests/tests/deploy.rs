@@ -35,7 +35,7 @@ fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_
 
 #[test]
 fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
-    for overlay in ["dev", "production", "external-etcd"] {
+    for overlay in ["dev", "production", "external-etcd", "production-tls"] {
         let rendered = render(overlay);
         let file = tempfile::NamedTempFile::new().expect("a temporary file");
         std::fs::write(file.path(), &rendered).expect("write");
@@ -54,7 +54,16 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
         let coordinator = find(&docs, "Deployment", "sluice-coordinator");
         assert_eq!(coordinator["spec"]["replicas"], 2, "{overlay}: two coordinators, one leading");
         let container = &coordinator["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(container["readinessProbe"]["grpc"]["port"], 7070);
+        let env = container["env"].as_array().expect("env");
+        let position = |name: &str| env.iter().position(|v| v["name"] == name);
+        // $(POD_IP) expands only when POD_IP is defined earlier in the list.
+        assert!(position("POD_IP") < position("SLUICE_ADVERTISE"), "{overlay}: POD_IP after its use");
+        let tls = overlay.ends_with("-tls");
+        assert_eq!(position("SLUICE_TLS_CERT").is_some(), tls, "{overlay}: TLS on the API");
+        // The kubelet's gRPC probes speak plain text: with TLS they go to the health-only port.
+        let probe_port = if tls { 7072 } else { 7070 };
+        assert_eq!(container["readinessProbe"]["grpc"]["port"], probe_port, "{overlay}");
+        assert_eq!(container["livenessProbe"]["grpc"]["port"], probe_port, "{overlay}");
         assert_eq!(coordinator["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
         find(&docs, "PodDisruptionBudget", "sluice-coordinator");
         find(&docs, "HorizontalPodAutoscaler", "sluice-worker");
@@ -88,7 +97,7 @@ fn the_manifests_set_only_settings_the_binaries_have() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let (coordinator, worker) = (help("sluice-coordinator"), help("sluice-worker"));
-    let docs = documents(&render("production"));
+    let docs = documents(&render("production-tls"));
     let config = &find(&docs, "ConfigMap", "sluice-config")["data"];
     for key in config.as_object().expect("a map").keys() {
         for (name, help) in [("sluice-coordinator", &coordinator), ("sluice-worker", &worker)] {

@@ -369,3 +369,64 @@ fn sink_tables_get_change_data_feed_unless_properties_say_otherwise() {
         "{config}"
     );
 }
+
+/// Time-prefixed names: once full listings have shown keys arriving in
+/// lexical order (three in a row whose new files all lay above the greatest
+/// key ingested), each run lists only after that key. A file that lands
+/// under a smaller key is then not seen until a backfill (a full listing,
+/// every `backfill_interval`) finds it; from then on `listing: auto` lists in
+/// full, as the history is out of order.
+#[test]
+fn listing_starts_after_the_last_key_until_a_backfill_finds_a_late_one() {
+    let sandbox = Sandbox::new();
+    let pipeline = |backfill: &str| {
+        pipeline().replace(
+            "max_files_per_batch: 2",
+            &format!("max_files_per_batch: 2\n        backfill_interval: {backfill}"),
+        )
+    };
+    sandbox.pipeline(&pipeline("1d"));
+    let table = sandbox.path("lake/bronze/invoices");
+    let run = || {
+        let output: harness::RunOutput = sandbox
+            .command(&["run", "pipeline.yaml", "--json"])
+            .env("SLUICE_LOG", "warn,sluice_coordinator=debug")
+            .output()
+            .expect("sluice starts")
+            .into();
+        assert_eq!(output.code, Some(0), "{output:?}");
+        output.stderr
+    };
+    let (full, incremental) = (r#"listing="full""#, r#"listing="incremental""#);
+    write_invoices(&sandbox, "2026-01-01.json", 1, 0, 40);
+    write_invoices(&sandbox, "2026-01-02.json", 1, 40, 40);
+    assert!(run().contains(full), "the first listing is a full one");
+    for day in 3..=5 {
+        write_invoices(&sandbox, &format!("2026-01-0{day}.json"), 1, (day - 1) * 40, 40);
+        let stderr = run();
+        assert!(stderr.contains(full) && !stderr.contains(incremental), "day {day}: {stderr}");
+    }
+    write_invoices(&sandbox, "2026-01-06.json", 1, 200, 40);
+    let stderr = run();
+    assert!(stderr.contains(incremental) && !stderr.contains(full), "{stderr}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 240);
+
+    // Late: below the greatest key. An incremental listing does not reach it.
+    write_invoices(&sandbox, "2026-01-02-late.json", 1, 240, 40);
+    assert!(run().contains(incremental));
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 240);
+
+    // A backfill is due: the full listing finds it.
+    sandbox.pipeline(&pipeline("1ms"));
+    let stderr = run();
+    assert!(stderr.contains("backfill") && stderr.contains(full), "{stderr}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 280);
+
+    // The history is out of order now: every listing is full, and late keys are found at once.
+    sandbox.pipeline(&pipeline("1d"));
+    write_invoices(&sandbox, "2026-01-01-late.json", 1, 280, 40);
+    let stderr = run();
+    assert!(stderr.contains(full) && !stderr.contains(incremental) && !stderr.contains("backfill:"), "{stderr}");
+    assert_eq!(query_i64(&table, "SELECT COUNT(*) FROM t"), 320);
+    assert_eq!(query_i64(&table, r#"SELECT COUNT(DISTINCT "InvoiceNumber") FROM t"#), 320);
+}

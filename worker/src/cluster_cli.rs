@@ -5,15 +5,17 @@
 //! lease, so their claims vanish at once and other workers take the tasks over
 //! without waiting for the lease to expire.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_proto::etcd::{EtcdKv, EtcdOptions};
+use sluice_proto::etcd::{EtcdKv, EtcdOptions, EtcdUser};
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::timing::LeaseTimings;
+use sluice_proto::tls::ClientTlsFiles;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -48,6 +50,23 @@ pub struct ClusterArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long, env = "SLUICE_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The CA that signed etcd's server certificate (PEM), for `https://`
+    /// endpoints; the system's roots when not given.
+    #[arg(long, env = "SLUICE_ETCD_CA_CERT")]
+    pub etcd_ca_cert: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd that requires one (`--client-cert-auth`).
+    #[arg(long, env = "SLUICE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of `--etcd-cert` (PEM).
+    #[arg(long, env = "SLUICE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name, for an etcd with authentication enabled.
+    #[arg(long, env = "SLUICE_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    /// That user's password; prefer the environment variable (from a Secret)
+    /// to the flag, which other users of the machine can see.
+    #[arg(long, env = "SLUICE_ETCD_PASSWORD", hide_env_values = true, requires = "etcd_user")]
+    pub etcd_password: Option<String>,
 }
 
 impl ClusterArgs {
@@ -57,6 +76,16 @@ impl ClusterArgs {
 
     pub fn timings(&self) -> LeaseTimings {
         LeaseTimings { ttl: self.lease_ttl }
+    }
+
+    pub fn etcd_options(&self) -> EtcdOptions {
+        let mut options = EtcdOptions::new(self.etcd.clone());
+        options.tls =
+            ClientTlsFiles { ca: self.etcd_ca_cert.clone(), cert: self.etcd_cert.clone(), key: self.etcd_key.clone() };
+        if let (Some(name), Some(password)) = (&self.etcd_user, &self.etcd_password) {
+            options.user = Some(EtcdUser { name: name.clone(), password: password.clone() });
+        }
+        options
     }
 }
 
@@ -114,24 +143,27 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    let Some(kv) = connect_etcd(&cluster.etcd, &shutdown).await else { return ExitCode::SUCCESS };
+    let kv = match connect_etcd(cluster, &shutdown).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     info!(worker = %id, slots, etcd = %cluster.etcd.join(","), namespace = %cluster.namespace, "sluice-worker starting");
     let (timings, keys) = (cluster.timings(), cluster.keys());
     if let Some(address) = args.health_listen {
-        let listener = match tokio::net::TcpListener::bind(address).await {
+        let listener = match bind(address).await {
             Ok(listener) => listener,
             Err(e) => {
-                eprintln!("error: cannot listen on {address}: {e}");
+                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
         let (reporter, service) = tonic_health::server::health_reporter();
-        let (stop, stop_health) = (shutdown.clone(), shutdown.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming(listener), async move { stop.cancelled().await }),
-        );
+        let stop_health = shutdown.clone();
+        crate::tls::serve(tonic::transport::Server::builder().add_service(service), listener, None, shutdown.clone());
         // SERVING while this worker's registration key exists (etcd answers, the lease lives).
         let (kv, registration) = (kv.clone(), keys.worker(&id));
         tokio::spawn(async move {
@@ -146,12 +178,16 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Connects to etcd, retrying with backoff until it answers; `None` if shut down first.
-pub async fn connect_etcd(endpoints: &[String], shutdown: &CancellationToken) -> Option<Arc<dyn KvStore>> {
-    let options = EtcdOptions::new(endpoints.to_vec());
+/// Connects to etcd, retrying with backoff until it answers; `Ok(None)` if
+/// shut down first, `Err` for settings that cannot work (reported and exit).
+pub async fn connect_etcd(
+    args: &ClusterArgs,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<dyn KvStore>>, String> {
+    let options = args.etcd_options();
     tokio::select! {
-        _ = shutdown.cancelled() => None,
-        kv = EtcdKv::connect_with_retry(&options) => Some(Arc::new(kv)),
+        _ = shutdown.cancelled() => Ok(None),
+        kv = EtcdKv::connect_with_retry(&options) => Ok(Some(Arc::new(kv?))),
     }
 }
 
@@ -231,6 +267,11 @@ pub async fn report_health<F, Fut>(
             _ = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// Listens on `address`; the error says where it could not.
+pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {address}: {e}"))
 }
 
 /// The connections a listener accepts, as a stream for tonic's `serve_with_incoming_shutdown`.

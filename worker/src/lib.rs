@@ -31,6 +31,8 @@ pub mod storage;
 pub mod task_runner;
 pub mod telemetry;
 pub mod text;
+#[cfg(feature = "cluster")]
+pub mod tls;
 pub mod transform;
 pub mod watermark;
 pub mod worker_loop;

@@ -84,7 +84,8 @@ fn resolved(url: &Url, storage: &StorageOptions) -> Result<HashMap<String, Strin
     storage.resolved_for(url).map_err(|e| WorkerError::Location(format!("{url}: {e}")))
 }
 
-fn path_in_bucket(url: &Url) -> Result<Path, WorkerError> {
+/// The object key of `url` in its store: what listings order and start after.
+pub fn path_in_bucket(url: &Url) -> Result<Path, WorkerError> {
     Path::from_url_path(url.path()).map_err(|e| WorkerError::Location(format!("{url}: {e}")))
 }
 

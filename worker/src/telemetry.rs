@@ -21,6 +21,7 @@ pub const TASK_RETRIES: &str = "sluice_task_retries_total";
 pub const BACKLOG_FILES: &str = "sluice_backlog_files";
 pub const BACKLOG_BYTES: &str = "sluice_backlog_bytes";
 pub const BACKLOG_VERSIONS: &str = "sluice_backlog_source_versions";
+pub const LISTING_SECONDS: &str = "sluice_source_listing_duration_seconds";
 pub const TASKS: &str = "sluice_worker_tasks_total";
 pub const TASK_SECONDS: &str = "sluice_worker_task_duration_seconds";
 pub const LEASE_LOSSES: &str = "sluice_lease_losses_total";
@@ -54,6 +55,11 @@ fn describe() {
     describe_gauge!(BACKLOG_FILES, Unit::Count, "Files discovered and not committed yet.");
     describe_gauge!(BACKLOG_BYTES, Unit::Bytes, "Bytes of files discovered and not committed yet.");
     describe_gauge!(BACKLOG_VERSIONS, Unit::Count, "Source table versions not consumed yet (Delta sources).");
+    describe_histogram!(
+        LISTING_SECONDS,
+        Unit::Seconds,
+        "Time to list a files source (label listing: full or incremental)."
+    );
     describe_counter!(TASKS, Unit::Count, "Tasks a worker ran, by outcome.");
     describe_histogram!(TASK_SECONDS, Unit::Seconds, "Time a worker spent on one task.");
     describe_counter!(LEASE_LOSSES, Unit::Count, "Leases (worker claims or leadership) lost.");

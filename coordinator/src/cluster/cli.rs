@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use sluice_proto::pb::v1::FILE_DESCRIPTOR_SET;
 use sluice_proto::pb::v1::sluice_server::SluiceServer;
-use sluice_worker::cluster_cli::{ClusterArgs, incoming, report_health};
+use sluice_worker::cluster_cli::{ClusterArgs, report_health};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -50,6 +50,12 @@ pub struct CoordinatorArgs {
     /// (comma-separated, e.g. `s3://lake/,s3://landing/`) are accepted; any by default.
     #[arg(long, env = "SLUICE_ALLOWED_LOCATIONS", value_delimiter = ',')]
     pub allowed_locations: Vec<String>,
+    #[command(flatten)]
+    pub tls: sluice_worker::tls::ServerTlsArgs,
+    /// Also serve gRPC health checking alone, without TLS, on this address: for
+    /// Kubernetes' gRPC probes, which cannot speak TLS, when the API does.
+    #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 pub fn main() -> ExitCode {
@@ -70,7 +76,15 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
     let shutdown = CancellationToken::new();
     sluice_worker::cluster_cli::spawn_signal_handler(shutdown.clone());
     let id = args.id.clone().unwrap_or_else(sluice_worker::cluster_cli::default_worker_id);
-    let advertise = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
+    let tls = match args.tls.load() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: --tls-cert: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let advertise = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{}", args.listen));
     let (keys, timings) = (args.cluster.keys(), args.cluster.timings());
 
     if let Some(address) = args.cluster.metrics_listen
@@ -79,8 +93,13 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    let Some(kv) = sluice_worker::cluster_cli::connect_etcd(&args.cluster.etcd, &shutdown).await else {
-        return ExitCode::SUCCESS;
+    let kv = match sluice_worker::cluster_cli::connect_etcd(&args.cluster, &shutdown).await {
+        Ok(Some(kv)) => kv,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -95,28 +114,34 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+    let listener = match sluice_worker::cluster_cli::bind(args.listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", args.listen);
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    info!(%id, listen = %args.listen, advertise, etcd = %args.cluster.etcd.join(","), namespace = %args.cluster.namespace, "sluice-coordinator starting");
+    info!(%id, listen = %args.listen, tls = tls.is_some(), advertise, etcd = %args.cluster.etcd.join(","), namespace = %args.cluster.namespace, "sluice-coordinator starting");
     let policy = super::server::SubmitPolicy { allowed_locations: args.allowed_locations.clone() };
     let service = SluiceServer::new(SluiceService::new(kv.clone(), keys.clone()).with_policy(policy));
     let service = tonic::service::interceptor::InterceptedService::new(
         service,
         super::auth::BearerToken::new(args.auth_token_file.clone()),
     );
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming(listener), async move { server_shutdown.cancelled().await }),
-    );
+    if let Some(address) = args.health_listen {
+        let listener = match sluice_worker::cluster_cli::bind(address).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let router = tonic::transport::Server::builder().add_service(health_service.clone());
+        sluice_worker::tls::serve(router, listener, None, shutdown.clone());
+    }
+    let router =
+        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(service);
+    let server = sluice_worker::tls::serve(router, listener, tls, shutdown.clone());
     // The API is SERVING only while etcd answers.
     let (health_kv, leader_key, health_stop) = (kv.clone(), keys.leader(), shutdown.clone());
     tokio::spawn(async move {
