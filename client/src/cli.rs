@@ -436,6 +436,11 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
     for flow in &spec.flows {
         let source = match &flow.source {
             SourceSpec::Files(files) => files,
+            SourceSpec::Watermark(w) if flow.source.files().is_some() => {
+                let files = flow.source.files().expect("a folder of files");
+                println!("  {}: rows beyond the watermark on `{}` of:", flow.name, w.column);
+                files
+            }
             SourceSpec::DeltaChanges(_) | SourceSpec::Delta(_) | SourceSpec::Watermark(_) => {
                 let table = flow.source.table().expect("a Delta source");
                 let what = match &flow.source {

@@ -5,6 +5,7 @@
 //! <checkpoint>/flows/<flow>/commits/<batch:020>.json   the ledger entry, written once the batch is committed
 //! <checkpoint>/flows/<flow>/schemas/<version:020>.json the source schema in use (inferred or declared)
 //! <checkpoint>/flows/<flow>/listing.json               when the source was last listed in full
+//! <checkpoint>/flows/<flow>/watermark_files.json       a watermark over files: the files read in full
 //! ```
 //!
 //! The files ingested so far (the ledger) are those of every committed batch's
@@ -204,6 +205,18 @@ impl Checkpoint {
 
     pub async fn record_full_listing(&self, flow: &str, record: &ListingRecord) -> Result<(), CoordinatorError> {
         self.store.put(&self.listing_path(flow), self.encode(record)?).await.map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The files (with their identity) a watermark-over-files flow has read
+    /// in full in a round that ended well; `None` before the first.
+    pub async fn watermark_files(&self, flow: &str) -> Result<Option<Vec<SourceFile>>, CoordinatorError> {
+        self.read_json(&self.root.clone().join("flows").join(flow).join("watermark_files.json")).await
+    }
+
+    pub async fn record_watermark_files(&self, flow: &str, files: &[SourceFile]) -> Result<(), CoordinatorError> {
+        let path = self.root.clone().join("flows").join(flow).join("watermark_files.json");
+        self.store.put(&path, self.encode(&files)?).await.map_err(|e| self.error(e))?;
         Ok(())
     }
 

@@ -11,8 +11,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use arrow::datatypes::Schema;
 use deltalake::DeltaTable;
-use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef, WatermarkValue};
+use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef, WatermarkSource, WatermarkValue};
 use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec, WatermarkRead};
 use sluice_worker::delta_source::{explain, file_bounds, relation_schema};
 use sluice_worker::watermark::WatermarkKind;
@@ -128,34 +129,14 @@ impl DeltaFlowRunner {
             }
             SourceSpec::Watermark(spec) => {
                 let kind = self.watermark_kind(source, &spec.column)?;
-                let value = |name: &str, value: Option<WatermarkValue>| match (kind, value) {
-                    (_, None) => Ok(None),
-                    (WatermarkKind::Number, Some(WatermarkValue::Number(n)))
-                    | (WatermarkKind::Time, Some(WatermarkValue::Micros(n))) => Ok(Some(n)),
-                    (kind, Some(_)) => {
-                        let (is, write) = match (kind, name) {
-                            (WatermarkKind::Number, _) => ("a number", "a number"),
-                            (WatermarkKind::Time, "lag") => ("a time", "a duration such as `10m`"),
-                            (WatermarkKind::Time, _) => ("a time", "a timestamp such as `2026-01-31T00:00:00Z`"),
-                        };
-                        Err(self.source_error(format!(
-                            "`watermark.{name}` does not fit column `{}`, which is {is}: write {write}",
-                            spec.column
-                        )))
-                    }
-                };
-                let initial = value("initial_value", spec.initial_value)?;
-                let lag = value("lag", spec.lag)?.unwrap_or(0);
+                let bounds = WatermarkBounds::of(spec, kind).map_err(|e| self.source_error(e))?;
                 let watermark = committed.and_then(|c| i64::try_from(c).ok());
-                if let Some(base) = watermark.or(initial)
+                if let Some(base) = watermark.or(bounds.initial)
                     && !self.may_hold_beyond(source, &spec.column, kind, base).await?
                 {
                     return Ok(None);
                 }
-                // The lag re-reads below the last watermark, never below
-                // `initial_value` (`None` orders below every `Some`).
-                let after = watermark.map(|w| w.saturating_sub(lag)).max(initial);
-                let read = WatermarkRead { column: spec.column.clone(), after };
+                let read = WatermarkRead { column: spec.column.clone(), after: bounds.after(committed) };
                 let kind = DeltaReadKind::Snapshot { version: latest };
                 Ok(Some(Planned { kind, batch: committed.unwrap_or(0), watermark: Some(read) }))
             }
@@ -165,19 +146,7 @@ impl DeltaFlowRunner {
     /// How the watermark column's values compare; an error names the column's problem.
     fn watermark_kind(&self, source: &DeltaTable, column: &str) -> Result<WatermarkKind, CoordinatorError> {
         let schema = source.snapshot().map_err(|e| self.source_error(e.to_string()))?.snapshot().arrow_schema();
-        let field = schema.field_with_name(column).map_err(|_| {
-            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            self.source_error(format!(
-                "`watermark.column` names `{column}`, which the table does not have; it has: {}",
-                columns.join(", ")
-            ))
-        })?;
-        WatermarkKind::of(field.data_type()).ok_or_else(|| {
-            self.source_error(format!(
-                "column `{column}` is {}: a watermark follows an integer, timestamp or date column",
-                field.data_type()
-            ))
-        })
+        watermark_kind(&schema, column, "the table does not have; it has").map_err(|e| self.source_error(e))
     }
 
     /// Whether any data file's statistics allow a value of `column` above
@@ -225,6 +194,23 @@ impl DeltaFlowRunner {
         Ok(latest + 1)
     }
 
+    /// What reading each version of `start..=end` costs ([`change_bytes`]),
+    /// from the commits' log entries (read 16 at a time).
+    async fn change_sizes(&self, source: &DeltaTable, start: u64, end: u64) -> Result<Vec<u64>, CoordinatorError> {
+        use futures::{StreamExt, TryStreamExt};
+        let log_store = source.log_store();
+        let entries: Vec<_> = futures::stream::iter(start..=end)
+            .map(|version| {
+                let log_store = log_store.clone();
+                async move { log_store.read_commit_entry(version).await }
+            })
+            .buffered(16)
+            .try_collect()
+            .await
+            .map_err(|e| self.source_error(e.to_string()))?;
+        Ok(entries.iter().map(|entry| entry.as_deref().map_or(0, change_bytes)).collect())
+    }
+
     /// Fails with what to do when the feed cannot be read from `start`.
     async fn check_change_feed(&self, source: &DeltaTable, start: u64) -> Result<(), CoordinatorError> {
         let snapshot = source.snapshot().map_err(|e| self.source_error(e.to_string()))?;
@@ -265,7 +251,12 @@ impl DeltaFlowRunner {
         // A merge needs all of a key's changes, an overwrite and a snapshot read the whole input: one task.
         let ranges = match planned.kind {
             DeltaReadKind::Changes { start, end } if merge.is_none() && self.ctx.flow.sink.mode == SinkMode::Append => {
-                split_versions(start, end, self.ctx.parallelism.load(Ordering::Relaxed))
+                let parts = self.ctx.parallelism.load(Ordering::Relaxed);
+                if parts > 1 && end > start {
+                    split_versions(start, &self.change_sizes(source, start, end).await?, parts)
+                } else {
+                    vec![planned.kind]
+                }
             }
             kind => vec![kind],
         };
@@ -344,6 +335,52 @@ impl DeltaFlowRunner {
     }
 }
 
+/// How `column` of `schema` compares as a watermark; the error names what is
+/// wrong (`missing` says whose columns they are, e.g. "the files do not have; they have").
+pub(crate) fn watermark_kind(schema: &Schema, column: &str, missing: &str) -> Result<WatermarkKind, String> {
+    let field = schema.field_with_name(column).map_err(|_| {
+        let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        format!("`watermark.column` names `{column}`, which {missing}: {}", columns.join(", "))
+    })?;
+    WatermarkKind::of(field.data_type()).ok_or_else(|| {
+        format!("column `{column}` is {}: a watermark follows an integer, timestamp or date column", field.data_type())
+    })
+}
+
+/// A watermark source's `initial_value` and `lag` as numbers of its column's kind.
+pub(crate) struct WatermarkBounds {
+    pub initial: Option<i64>,
+    pub lag: i64,
+}
+
+impl WatermarkBounds {
+    /// An error says which setting does not fit the column, and what to write.
+    pub fn of(spec: &WatermarkSource, kind: WatermarkKind) -> Result<Self, String> {
+        let value = |name: &str, value: Option<WatermarkValue>| match (kind, value) {
+            (_, None) => Ok(None),
+            (WatermarkKind::Number, Some(WatermarkValue::Number(n)))
+            | (WatermarkKind::Time, Some(WatermarkValue::Micros(n))) => Ok(Some(n)),
+            (kind, Some(_)) => {
+                let (is, write) = match (kind, name) {
+                    (WatermarkKind::Number, _) => ("a number", "a number"),
+                    (WatermarkKind::Time, "lag") => ("a time", "a duration such as `10m`"),
+                    (WatermarkKind::Time, _) => ("a time", "a timestamp such as `2026-01-31T00:00:00Z`"),
+                };
+                Err(format!("`watermark.{name}` does not fit column `{}`, which is {is}: write {write}", spec.column))
+            }
+        };
+        Ok(Self { initial: value("initial_value", spec.initial_value)?, lag: value("lag", spec.lag)?.unwrap_or(0) })
+    }
+
+    /// Where the next read starts, after the flow's last committed watermark:
+    /// the lag re-reads below it, never below `initial_value` (`None` orders
+    /// below every `Some`).
+    pub fn after(&self, committed: Option<u64>) -> Option<i64> {
+        let watermark = committed.and_then(|c| i64::try_from(c).ok());
+        watermark.map(|w| w.saturating_sub(self.lag)).max(self.initial)
+    }
+}
+
 /// The largest value a file's statistic allows, as a watermark number. Delta
 /// keeps timestamps to the millisecond, so a time's bound is rounded up.
 fn stats_upper_bound(max: Option<&serde_json::Value>, kind: WatermarkKind) -> Option<i64> {
@@ -361,16 +398,43 @@ fn stats_upper_bound(max: Option<&serde_json::Value>, kind: WatermarkKind) -> Op
     }
 }
 
-/// Splits `start..=end` into at most `parts` contiguous ranges.
-fn split_versions(start: u64, end: u64, parts: usize) -> Vec<DeltaReadKind> {
-    let count = end - start + 1;
-    let parts = (parts.max(1) as u64).min(count);
-    let mut ranges = Vec::with_capacity(parts as usize);
-    let mut next = start;
-    for part in 0..parts {
-        let size = count / parts + u64::from(part < count % parts);
-        ranges.push(DeltaReadKind::Changes { start: next, end: next + size - 1 });
-        next += size;
+/// The bytes that reading one commit's changes means: its change data files
+/// when it has some (a reader reads only those), else its added and removed
+/// data files.
+fn change_bytes(commit: &[u8]) -> u64 {
+    let (mut cdc, mut data) = (0u64, 0u64);
+    for line in String::from_utf8_lossy(commit).lines() {
+        let Ok(action) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let size = |kind: &str| action.get(kind).and_then(|a| a.get("size")).and_then(|s| s.as_u64());
+        cdc += size("cdc").unwrap_or(0);
+        data += size("add").unwrap_or(0) + size("remove").unwrap_or(0);
+    }
+    if cdc > 0 { cdc } else { data }
+}
+
+/// Splits versions `start..` (one entry of `sizes` per version) into at most
+/// `parts` contiguous ranges of about equal bytes, each of at least one version.
+fn split_versions(start: u64, sizes: &[u64], parts: usize) -> Vec<DeltaReadKind> {
+    let count = sizes.len();
+    let parts = parts.clamp(1, count.max(1));
+    // An empty commit still costs a little (its log entry, a task's overhead).
+    let weights: Vec<u64> = sizes.iter().map(|&s| s.max(1)).collect();
+    let total: u64 = weights.iter().sum();
+    let mut ranges = Vec::with_capacity(parts);
+    let (mut begin, mut sum) = (0usize, 0u64);
+    for (index, weight) in weights.iter().enumerate() {
+        sum += weight;
+        let closed = ranges.len();
+        let parts_after = parts - closed - 1;
+        let versions_after = count - index - 1;
+        let boundary = (total as u128 * (closed as u128 + 1) / parts as u128) as u64;
+        if parts_after > 0 && (sum >= boundary || versions_after == parts_after) {
+            ranges.push(DeltaReadKind::Changes { start: start + begin as u64, end: start + index as u64 });
+            begin = index + 1;
+        }
+    }
+    if begin < count {
+        ranges.push(DeltaReadKind::Changes { start: start + begin as u64, end: start + count as u64 - 1 });
     }
     ranges
 }
@@ -379,17 +443,42 @@ fn split_versions(start: u64, end: u64, parts: usize) -> Vec<DeltaReadKind> {
 mod tests {
     use super::*;
 
+    fn changes(ranges: &[(u64, u64)]) -> Vec<DeltaReadKind> {
+        ranges.iter().map(|&(start, end)| DeltaReadKind::Changes { start, end }).collect()
+    }
+
     #[test]
-    fn version_ranges_cover_the_batch_once() {
-        let ranges = split_versions(3, 12, 3);
-        assert_eq!(
-            ranges,
-            vec![
-                DeltaReadKind::Changes { start: 3, end: 6 },
-                DeltaReadKind::Changes { start: 7, end: 9 },
-                DeltaReadKind::Changes { start: 10, end: 12 },
-            ]
-        );
-        assert_eq!(split_versions(5, 5, 4), vec![DeltaReadKind::Changes { start: 5, end: 5 }]);
+    fn version_ranges_are_balanced_by_bytes_and_cover_the_batch_once() {
+        // Equal commits: equal ranges.
+        assert_eq!(split_versions(3, &[10; 9], 3), changes(&[(3, 5), (6, 8), (9, 11)]));
+        // One big commit gets a task of its own; the small ones share.
+        assert_eq!(split_versions(0, &[100, 1, 1, 1, 100, 1], 2), changes(&[(0, 2), (3, 5)]));
+        assert_eq!(split_versions(0, &[1, 1, 1, 1, 1000], 2), changes(&[(0, 3), (4, 4)]));
+        // More parts than versions, and empty commits.
+        assert_eq!(split_versions(5, &[0], 4), changes(&[(5, 5)]));
+        assert_eq!(split_versions(0, &[0, 0, 0], 8), changes(&[(0, 0), (1, 1), (2, 2)]));
+        for parts in 1..6 {
+            let sizes = [5, 900, 3, 3, 40, 0, 700, 1];
+            let ranges = split_versions(10, &sizes, parts);
+            assert!(ranges.len() <= parts);
+            let mut next = 10;
+            for range in ranges {
+                let DeltaReadKind::Changes { start, end } = range else { panic!("a change range") };
+                assert!(start == next && end >= start, "{parts} parts: {start}..={end} after {next}");
+                next = end + 1;
+            }
+            assert_eq!(next, 18, "{parts} parts cover every version");
+        }
+    }
+
+    #[test]
+    fn change_bytes_prefer_change_data_files() {
+        let data = br#"{"add":{"path":"a","size":100}}
+{"remove":{"path":"b","size":40}}"#;
+        assert_eq!(change_bytes(data), 140);
+        let with_cdc = br#"{"add":{"path":"a","size":100}}
+{"cdc":{"path":"c","size":7}}
+{"commitInfo":{}}"#;
+        assert_eq!(change_bytes(with_cdc), 7);
     }
 }

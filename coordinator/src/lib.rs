@@ -23,5 +23,6 @@ pub mod pipeline_runner;
 pub mod planner;
 pub mod progress;
 pub mod table_schema;
+pub mod watermark_files;
 
 pub use error::CoordinatorError;

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
-use sluice_proto::spec::{PipelineSpec, SourceSpec, Trigger};
+use sluice_proto::spec::{PipelineSpec, SourceSpec, Trigger, WatermarkInput, WatermarkSource};
 use sluice_proto::timing::LeaseTimings;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -25,6 +25,7 @@ use crate::error::CoordinatorError;
 use crate::event_log::{Event, EventLog};
 use crate::flow_runner::{CommitFence, FlowContext, FlowRunner};
 use crate::progress::{FlowSummary, ProgressEvent, ProgressSink, RunSummary};
+use crate::watermark_files::WatermarkFilesRunner;
 
 /// Where a pipeline runs: the coordination store its tasks go through, and how
 /// many worker slots serve it.
@@ -43,6 +44,7 @@ pub struct RunEnvironment {
 enum Runner {
     Files(Box<FlowRunner>),
     Delta(Box<DeltaFlowRunner>),
+    WatermarkFiles(Box<WatermarkFilesRunner>),
 }
 
 /// A failed run: the error, and what was committed before it.
@@ -103,6 +105,9 @@ async fn run_rounds(
             };
             match &flow.source {
                 SourceSpec::Files(files) => Runner::Files(Box::new(FlowRunner::new(ctx, files.clone()))),
+                SourceSpec::Watermark(WatermarkSource { input: WatermarkInput::Files(_), .. }) => {
+                    Runner::WatermarkFiles(Box::new(WatermarkFilesRunner::new(ctx).expect("a watermark over files")))
+                }
                 _ => Runner::Delta(Box::new(DeltaFlowRunner::new(ctx).expect("a Delta source"))),
             }
         })
@@ -132,6 +137,7 @@ async fn run_rounds(
             let result = match &mut runners[index] {
                 Runner::Files(runner) => runner.run_until_caught_up(cancel, summary).await,
                 Runner::Delta(runner) => runner.run_until_caught_up(cancel, summary).await,
+                Runner::WatermarkFiles(runner) => runner.run_until_caught_up(cancel, summary).await,
             };
             let mut events: Vec<Event> = std::mem::take(&mut summary.unlogged)
                 .into_iter()
@@ -208,9 +214,9 @@ pub fn locations(spec: &PipelineSpec) -> Vec<&url::Url> {
     for flow in &spec.flows {
         locations.push(&flow.sink.table);
         locations.push(&flow.quarantine);
-        match &flow.source {
-            SourceSpec::Files(files) => locations.push(&files.location),
-            other => locations.extend(other.table().map(|t| &t.url)),
+        match flow.source.files() {
+            Some(files) => locations.push(&files.location),
+            None => locations.extend(flow.source.table().map(|t| &t.url)),
         }
     }
     locations

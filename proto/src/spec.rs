@@ -98,7 +98,11 @@ pub struct RawSource {
 #[serde(deny_unknown_fields)]
 pub struct RawWatermark {
     /// A Delta table URL or path, or `flow:<name>`.
-    pub table: String,
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Or a folder of files (the keys of a `files:` source).
+    #[serde(default)]
+    pub files: Option<RawFilesSource>,
     pub column: String,
     #[serde(default)]
     pub initial_value: Option<serde_yaml::Value>,
@@ -394,12 +398,20 @@ pub struct DeltaChangesSource {
 /// watermark, the highest value read, is the txn version of the batch's commit.
 #[derive(Debug, Clone)]
 pub struct WatermarkSource {
-    pub table: TableRef,
+    pub input: WatermarkInput,
     pub column: String,
     /// Rows at or below it are never read.
     pub initial_value: Option<WatermarkValue>,
     /// How far below the watermark each batch reads again, for late rows.
     pub lag: Option<WatermarkValue>,
+}
+
+/// What a watermark source reads: a Delta table's latest snapshot, or every
+/// file of a folder (as a `files:` source lists and decodes them).
+#[derive(Debug, Clone)]
+pub enum WatermarkInput {
+    Table(TableRef),
+    Files(Box<FilesSource>),
 }
 
 /// A watermark value or lag, as written in the pipeline file: a number (for an
@@ -424,13 +436,26 @@ impl SourceSpec {
         self.table()?.upstream.as_deref()
     }
 
+    /// The folder of files this source reads, if it reads one (`files:`, or a
+    /// watermark over files).
+    pub fn files(&self) -> Option<&FilesSource> {
+        match self {
+            SourceSpec::Files(files) => Some(files),
+            SourceSpec::Watermark(WatermarkSource { input: WatermarkInput::Files(files), .. }) => Some(files),
+            _ => None,
+        }
+    }
+
     /// The Delta table this source reads, if it reads one.
     pub fn table(&self) -> Option<&TableRef> {
         match self {
             SourceSpec::Files(_) => None,
             SourceSpec::DeltaChanges(s) => Some(&s.table),
             SourceSpec::Delta(s) => Some(&s.table),
-            SourceSpec::Watermark(s) => Some(&s.table),
+            SourceSpec::Watermark(s) => match &s.input {
+                WatermarkInput::Table(table) => Some(table),
+                WatermarkInput::Files(_) => None,
+            },
         }
     }
 
@@ -439,7 +464,10 @@ impl SourceSpec {
             SourceSpec::Files(_) => None,
             SourceSpec::DeltaChanges(s) => Some(&mut s.table),
             SourceSpec::Delta(s) => Some(&mut s.table),
-            SourceSpec::Watermark(s) => Some(&mut s.table),
+            SourceSpec::Watermark(s) => match &mut s.input {
+                WatermarkInput::Table(table) => Some(table),
+                WatermarkInput::Files(_) => None,
+            },
         }
     }
 }
@@ -802,7 +830,27 @@ impl SourceSpec {
         }
         if let Some(watermark) = raw.watermark {
             let field = format!("{field}.watermark");
-            let table = parse_table_ref(&field, &watermark.table, base_dir, watermark.storage_options)?;
+            let input = match (watermark.table, watermark.files) {
+                (Some(table), None) => {
+                    WatermarkInput::Table(parse_table_ref(&field, &table, base_dir, watermark.storage_options)?)
+                }
+                (None, Some(files)) => {
+                    if !watermark.storage_options.is_empty() {
+                        return Err(SpecError::invalid(
+                            format!("{field}.storage_options"),
+                            "goes inside `files:` for a folder of files",
+                        ));
+                    }
+                    let files = FilesSource::from_raw(files, &format!("{field}.files"), base_dir)?;
+                    WatermarkInput::Files(Box::new(files))
+                }
+                _ => {
+                    return Err(SpecError::invalid(
+                        field,
+                        "needs either `table:` (a Delta table or `flow:<name>`) or `files:` (a folder), not both",
+                    ));
+                }
+            };
             if watermark.column.trim().is_empty() {
                 return Err(SpecError::invalid(format!("{field}.column"), "is empty; name the column that only grows"));
             }
@@ -816,7 +864,7 @@ impl SourceSpec {
             if matches!(lag, Some(WatermarkValue::Number(n) | WatermarkValue::Micros(n)) if n < 0) {
                 return Err(SpecError::invalid(format!("{field}.lag"), "must not be negative"));
             }
-            return Ok(SourceSpec::Watermark(WatermarkSource { table, column: watermark.column, initial_value, lag }));
+            return Ok(SourceSpec::Watermark(WatermarkSource { input, column: watermark.column, initial_value, lag }));
         }
         let snapshot = raw.delta.expect("one source kind is set");
         let table = parse_table_ref(&format!("{field}.delta"), &snapshot.table, base_dir, snapshot.storage_options)?;
@@ -898,13 +946,10 @@ fn storage_of(base: BTreeMap<String, String>, flows: &[FlowSpec]) -> StorageOpti
         storage.add_scope(&flow.quarantine, &flow.sink.storage_options);
     }
     for flow in flows {
-        match &flow.source {
-            SourceSpec::Files(files) => storage.add_scope(&files.location, &files.storage_options),
-            other => {
-                if let Some(table) = other.table() {
-                    storage.add_scope(&table.url, &table.storage_options);
-                }
-            }
+        if let Some(files) = flow.source.files() {
+            storage.add_scope(&files.location, &files.storage_options);
+        } else if let Some(table) = flow.source.table() {
+            storage.add_scope(&table.url, &table.storage_options);
         }
     }
     storage
@@ -1385,6 +1430,17 @@ flows:
         assert!(err.contains("flows[0].source.watermark.lag") && err.contains("mode: merge"), "{err}");
         let err = error_of(&pipeline("{ table: /s, column: at, lag: soon }", merge));
         assert!(err.contains("watermark.lag") && err.contains("a duration"), "{err}");
+        // A folder of files instead of a table, with a files source's keys.
+        let spec =
+            parse_pipeline(&pipeline("{ files: { path: /in, format: csv }, column: at }", "{ table: /t }"), None)
+                .unwrap();
+        let files = spec.flows[0].source.files().expect("a folder");
+        assert_eq!((files.location.as_str(), files.format), ("file:///in/", Format::Csv));
+        assert!(spec.flows[0].source.table().is_none());
+        for both_or_neither in ["{ files: { path: /in, format: csv }, table: /s, column: at }", "{ column: at }"] {
+            let err = error_of(&pipeline(both_or_neither, "{ table: /t }"));
+            assert!(err.contains("needs either `table:`") && err.contains("`files:`"), "{err}");
+        }
     }
 
     #[test]

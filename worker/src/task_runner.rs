@@ -220,6 +220,8 @@ async fn read_files(
     let keep_going = task.on_malformed == OnMalformed::Quarantine;
     let mut bytes = 0;
     let mut first_batch = true;
+    // A watermark over files: only the rows beyond it, and the highest value read.
+    let mut cut = task.watermark.clone().map(Cut::new);
     for (index, file) in task.files.iter().enumerate() {
         let opened =
             FileDecoder::open(file, task.format, &task.csv, file_schema.clone(), task.schema_evolution, &task.storage)
@@ -267,6 +269,13 @@ async fn read_files(
                     return new_columns(&task, index, columns, line, &sender).await;
                 }
             };
+            let batch = match cut.as_mut().map(|c| c.apply(&batch)) {
+                None => batch,
+                Some(Ok(batch)) => batch,
+                Some(Err(message)) => {
+                    return fail(ReadError { file: file.url.clone(), line: None, message, retryable: false }).await;
+                }
+            };
             let batch = match append_metadata(batch, &relation_schema, file, task.ingest_time_us) {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -289,7 +298,7 @@ async fn read_files(
         }
         bytes += file.size;
     }
-    ReadEnd::Done { bytes, files: task.files.len() as u64, watermark: None }
+    ReadEnd::Done { bytes, files: task.files.len() as u64, watermark: cut.and_then(|c| c.max) }
 }
 
 /// Ends reading at columns the schema lacks, found in `task.files[index]`:

@@ -8,6 +8,11 @@
 //! holds one, so every file is rewritten), and keys among the most recent
 //! 10 % (the usual shape of a change feed), where only the files that hold them
 //! are read and rewritten.
+//!
+//! `--scd 2` merges into a history table (`__start_at`, `__end_at`: an update
+//! closes the current version and opens one). `--change-data` creates the
+//! target with `delta.enableChangeDataFeed = true`, so the merge also writes
+//! its change data files (`_change_data/`), whose cost this measures.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +45,34 @@ struct Args {
     files: i64,
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// 1: latest row per key; 2: history.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    scd: u8,
+    /// Enable the target's change data feed (the merge writes change data).
+    #[arg(long)]
+    change_data: bool,
+}
+
+/// The target's schema: the changes' columns, plus the history's for SCD 2.
+fn target_schema(scd: u8) -> SchemaRef {
+    let mut fields: Vec<Field> = schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    if scd == 2 {
+        fields.push(Field::new("__start_at", DataType::Int64, true));
+        fields.push(Field::new("__end_at", DataType::Int64, true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Target rows: every key's current version, opened at sequence 1.
+fn target_rows(ids: &[i64], scd: u8) -> RecordBatch {
+    let batch = rows(ids, 1);
+    if scd == 1 {
+        return batch;
+    }
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(Int64Array::from(vec![1; ids.len()])));
+    columns.push(Arc::new(Int64Array::from(vec![None::<i64>; ids.len()])));
+    RecordBatch::try_new(target_schema(2), columns).expect("a history batch")
 }
 
 fn schema() -> SchemaRef {
@@ -67,13 +100,19 @@ fn url(path: &Path) -> Url {
     Url::from_directory_path(path).expect("an absolute path")
 }
 
-async fn build_target(path: &Path, total: i64, files: i64) {
+async fn build_target(path: &Path, total: i64, files: i64, scd: u8, change_data: bool) {
     let per_file = total / files;
     for file in 0..files {
         let ids: Vec<i64> = (file * per_file..(file + 1) * per_file).collect();
         let table = DeltaTableBuilder::from_url(url(path)).expect("url").build().expect("table");
         let table = if file == 0 { table } else { deltalake::open_table(url(path)).await.expect("open") };
-        table.write([rows(&ids, 1)]).with_save_mode(SaveMode::Append).await.expect("write the target");
+        let cdf = change_data.then(|| ("delta.enableChangeDataFeed".to_string(), Some("true".to_string())));
+        table
+            .write([target_rows(&ids, scd)])
+            .with_save_mode(SaveMode::Append)
+            .with_configuration(cdf)
+            .await
+            .expect("write the target");
     }
 }
 
@@ -101,7 +140,7 @@ fn change_ids(total: i64, changes: i64, recent: bool) -> Vec<i64> {
     ids
 }
 
-async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
+async fn sluice_merge(path: &Path, changes: RecordBatch, scd: u8) -> (f64, String) {
     let started = Instant::now();
     let table_url = url(path);
     let table = deltalake::open_table(table_url.clone()).await.expect("open");
@@ -112,15 +151,17 @@ async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
         delete_when: None,
         ignore_null_updates: false,
         except_columns: vec![],
-        scd: 1,
+        scd,
         track_history_columns: vec![],
         replace_rows_per_key: false,
     };
     let stream = Box::pin(RecordBatchStreamAdapter::new(schema(), futures::stream::iter([Ok(changes)])));
+    let table_schema = target_schema(scd);
     let output =
-        merge_changes(&spec, &table_url, version, stream, &schema(), &Default::default()).await.expect("merge");
+        merge_changes(&spec, &table_url, version, stream, &table_schema, &Default::default()).await.expect("merge");
     let merged = started.elapsed().as_secs_f64();
-    let (delta_schema, _) = to_delta(&schema()).expect("a Delta schema");
+    let (delta_schema, _) = to_delta(&table_schema).expect("a Delta schema");
+    let change_files = output.cdc.len();
     let request = BatchCommit {
         table_url,
         storage: Default::default(),
@@ -140,7 +181,7 @@ async fn sluice_merge(path: &Path, changes: RecordBatch) -> (f64, String) {
     commit_batch(&request).await.expect("commit");
     let c = output.counts;
     let detail = format!(
-        "{} inserted, {} updated; {} of {} files read, {} rewritten; merge {merged:.3}s",
+        "{} inserted, {} updated; {} of {} files read, {} rewritten, {change_files} change data files; merge {merged:.3}s",
         c.inserted, c.updated, c.files_scanned, 10, c.files_rewritten
     );
     (started.elapsed().as_secs_f64(), detail)
@@ -179,16 +220,21 @@ fn main() {
     let scratch = tempfile::tempdir().expect("a temporary folder");
     let dir = args.dir.clone().unwrap_or_else(|| scratch.path().to_path_buf());
     let base = dir.join("target-base");
-    println!("building a {}-row target in {} files ...", args.rows, args.files);
-    runtime.block_on(build_target(&base, args.rows, args.files));
+    let cdf = if args.change_data { ", change data feed on" } else { "" };
+    println!("building a {}-row SCD {} target in {} files{cdf} ...", args.rows, args.scd, args.files);
+    runtime.block_on(build_target(&base, args.rows, args.files, args.scd, args.change_data));
     for recent in [false, true] {
         let ids = change_ids(args.rows, args.changes, recent);
         let shape = if recent { "updates among the newest 10 %" } else { "updates spread over the table" };
         let changes = rows(&ids, 2);
         let ours = dir.join(format!("sluice-{recent}"));
         copy_dir(&base, &ours);
-        let (seconds, detail) = runtime.block_on(sluice_merge(&ours, changes.clone()));
+        let (seconds, detail) = runtime.block_on(sluice_merge(&ours, changes.clone(), args.scd));
         println!("{shape}: sluice merge {seconds:.3}s ({detail})");
+        if args.scd == 2 {
+            // delta-rs has no SCD 2 merge to compare with.
+            continue;
+        }
         let theirs = dir.join(format!("delta-rs-{recent}"));
         copy_dir(&base, &theirs);
         let seconds = runtime.block_on(delta_rs_merge(&theirs, changes));
