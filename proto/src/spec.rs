@@ -1123,12 +1123,6 @@ fn merge_spec(raw: &RawSink, field: &str, cdf_source: bool) -> Result<Option<Mer
             ));
         }
     }
-    if !raw.partition_by.is_empty() {
-        return Err(SpecError::invalid(
-            format!("{field}.partition_by"),
-            "a merge sink cannot be partitioned yet; leave `partition_by` out",
-        ));
-    }
     if let Some(column) = raw.except_columns.iter().find(|c| raw.keys.contains(c) || **c == sequence_by) {
         return Err(SpecError::invalid(
             format!("{field}.except_columns"),

@@ -19,6 +19,16 @@ fn merge_pipeline(max_versions: u32) -> String {
 }
 
 fn merge_pipeline_scd(max_versions: u32, scd: u8) -> String {
+    merge_pipeline_with(max_versions, scd, false)
+}
+
+/// `partitioned`: the sink is partitioned by `amount % 3`, so updates move keys between partitions.
+fn merge_pipeline_with(max_versions: u32, scd: u8, partitioned: bool) -> String {
+    let (transform, partition_by) = if partitioned {
+        ("    transform: SELECT *, amount % 3 AS bucket FROM source\n", "      partition_by: [bucket]\n")
+    } else {
+        ("", "")
+    };
     format!(
         r#"
 pipeline: silver
@@ -29,14 +39,14 @@ flows:
       delta_changes:
         table: ./lake/source
         max_versions_per_batch: {max_versions}
-    sink:
+{transform}    sink:
       table: ./lake/silver
       mode: merge
       keys: [id]
       sequence_by: _commit_version
       except_columns: [_change_type, _commit_timestamp]
       scd: {scd}
-"#
+{partition_by}"#
     )
 }
 
@@ -72,12 +82,12 @@ fn target_history(table: &Path) -> String {
 
 /// Random inserts, updates and deletes committed to a source table, consumed
 /// by a merge flow three versions at a time, with a SIGKILL at each failpoint.
-fn random_feed_across_batches_and_crashes(scd: u8) {
+fn random_feed_across_batches_and_crashes(scd: u8, partitioned: bool) {
     let sandbox = Sandbox::new();
     let source = sandbox.path("lake/source");
     let silver = sandbox.path("lake/silver");
     create_source(&source, true);
-    sandbox.pipeline(&merge_pipeline_scd(3, scd));
+    sandbox.pipeline(&merge_pipeline_with(3, scd, partitioned));
     let mut model = Model::default();
     let mut rng = fastrand::Rng::with_seed(42 + u64::from(scd));
     let failpoints = ["before_commit", "after_commit", "during_read", ""];
@@ -101,6 +111,15 @@ fn random_feed_across_batches_and_crashes(scd: u8) {
             assert_eq!(current, model_rows(&model), "round {round}: the current versions are the source's rows");
         }
     }
+    if partitioned {
+        let folders: Vec<String> = std::fs::read_dir(&silver)
+            .expect("the table folder")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("bucket="))
+            .collect();
+        assert!(folders.len() >= 2, "partition folders: {folders:?}");
+    }
     // Every batch's txn is the last source version it consumed, each exactly once.
     let txns = txn_versions(&silver);
     let mut sorted = txns.clone();
@@ -115,12 +134,20 @@ fn random_feed_across_batches_and_crashes(scd: u8) {
 
 #[test]
 fn merge_of_a_random_change_feed_equals_the_source_across_batches_and_crashes() {
-    random_feed_across_batches_and_crashes(1);
+    random_feed_across_batches_and_crashes(1, false);
 }
 
 #[test]
 fn scd2_history_of_a_random_change_feed_holds_every_version_across_batches_and_crashes() {
-    random_feed_across_batches_and_crashes(2);
+    random_feed_across_batches_and_crashes(2, false);
+}
+
+/// The same with the sink partitioned by a column that updates change, so
+/// keys keep moving between partitions.
+#[test]
+fn partitioned_merges_of_a_random_change_feed_equal_the_source_across_batches_and_crashes() {
+    random_feed_across_batches_and_crashes(1, true);
+    random_feed_across_batches_and_crashes(2, true);
 }
 
 #[test]
@@ -738,4 +765,97 @@ flows:
     assert_eq!(files_read(&summary), vec![0, 0], "{summary}");
     assert_eq!((log_entries(&orders).len(), log_entries(&log).len()), versions);
     assert_eq!(single_value(&quarantine, "SELECT count(*) FROM t"), "1");
+}
+
+/// Merge sinks partitioned by a column: an update in place, a key moving to
+/// another partition and a delete, for SCD 1 and SCD 2. The rows land in
+/// their partitions' folders, the file the moved key left is rewritten, and
+/// the target's change data feed (partitioned too) carries the partition
+/// column into a downstream flow.
+#[test]
+fn partitioned_merge_sinks_move_keys_between_partitions() {
+    let sandbox = Sandbox::new();
+    let row = |id: i64, region: &str, amount: i64, seq: i64, op: &str| {
+        format!("{{\"id\": {id}, \"region\": \"{region}\", \"amount\": {amount}, \"seq\": {seq}, \"op\": \"{op}\"}}\n")
+    };
+    sandbox.write("in/a.json", [row(1, "eu", 10, 1, "U"), row(2, "us", 20, 1, "U"), row(3, "eu", 30, 1, "U")].concat());
+    sandbox.pipeline(
+        r#"
+pipeline: parts
+checkpoint: ./lake/_checkpoints/parts
+flows:
+  - name: bronze
+    source:
+      files: { path: ./in, format: json, schema: "id BIGINT, region STRING, amount BIGINT, seq BIGINT, op STRING" }
+    transform: SELECT id, region, amount, seq, op FROM source
+    sink: { table: ./lake/bronze }
+  - name: silver
+    source: { delta_changes: { table: flow:bronze } }
+    sink:
+      table: ./lake/silver
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'D'"
+      except_columns: [op, _change_type, _commit_version, _commit_timestamp]
+      partition_by: [region]
+  - name: history
+    source: { delta_changes: { table: flow:bronze } }
+    sink:
+      table: ./lake/history
+      mode: merge
+      keys: [id]
+      sequence_by: seq
+      delete_when: "op = 'D'"
+      except_columns: [op, _change_type, _commit_version, _commit_timestamp]
+      scd: 2
+      partition_by: [region]
+  - name: silver_changes
+    source: { delta_changes: { table: flow:silver } }
+    sink: { table: ./lake/silver_changes }
+"#,
+    );
+    let (silver, history, changes) =
+        (sandbox.path("lake/silver"), sandbox.path("lake/history"), sandbox.path("lake/silver_changes"));
+    let rows_of = |table: &Path| {
+        single_value(
+            table,
+            "SELECT string_agg(CAST(id AS VARCHAR) || ':' || region || ':' || CAST(amount AS VARCHAR), ',' ORDER BY id) FROM t",
+        )
+    };
+    sandbox.run_ok();
+    assert_eq!(rows_of(&silver), "1:eu:10,2:us:20,3:eu:30");
+    assert!(sandbox.path("lake/silver/region=us").is_dir() && sandbox.path("lake/silver/region=eu").is_dir());
+
+    // 1 is updated in place, 2 moves from us to eu, 3 is deleted.
+    sandbox.write("in/b.json", [row(1, "eu", 11, 2, "U"), row(2, "eu", 21, 2, "U"), row(3, "eu", 30, 2, "D")].concat());
+    sandbox.run_ok();
+    assert_eq!(rows_of(&silver), "1:eu:11,2:eu:21");
+    assert_eq!(single_value(&silver, "SELECT count(*) FROM t WHERE region = 'us'"), "0");
+    let partitions: std::collections::BTreeSet<String> = log_entries(&silver)
+        .iter()
+        .flatten()
+        .filter_map(|action| action.get("add"))
+        .filter_map(|add| add["partitionValues"]["region"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(partitions, ["eu".to_string(), "us".to_string()].into(), "every add names its partition");
+
+    // SCD 2: every version kept, in its partition; the current ones open.
+    assert_eq!(
+        single_value(
+            &history,
+            "SELECT string_agg(CAST(id AS VARCHAR) || ':' || region || ':' || CASE WHEN __end_at IS NULL THEN 'current' ELSE 'closed' END, ',' ORDER BY id, __start_at) FROM t"
+        ),
+        "1:eu:closed,1:eu:current,2:us:closed,2:eu:current,3:eu:closed"
+    );
+
+    // Silver's own feed, read downstream: the partition column on every change.
+    assert_eq!(single_value(&changes, "SELECT count(*) FROM t WHERE region IS NULL"), "0");
+    assert_eq!(
+        single_value(
+            &changes,
+            "SELECT string_agg(CAST(id AS VARCHAR) || ':' || region || ':' || _change_type, ',' ORDER BY _commit_version, id, _change_type) FROM t WHERE _commit_version > 0"
+        ),
+        "1:eu:update_postimage,1:eu:update_preimage,2:eu:update_postimage,2:us:update_preimage,3:eu:delete"
+    );
 }

@@ -30,7 +30,7 @@ use object_store::prefix::PrefixStore;
 
 use crate::delta_source::CHANGE_TYPE;
 use crate::error::WorkerError;
-use crate::merge::{RowOrder, new_writer, transform_error};
+use crate::merge::{RowOrder, Target, new_writer, transform_error};
 
 /// Where change data files go, below the table's root.
 pub const CHANGE_DATA_DIR: &str = "_change_data";
@@ -50,7 +50,7 @@ pub fn enabled(table: &DeltaTable) -> bool {
 /// table with the rows `after` (both in `table_schema`), rows being matched by
 /// `order`'s keys; returns its `cdc` actions.
 pub(crate) async fn write(
-    store: Arc<dyn ObjectStore>,
+    target: &Target,
     table_schema: &SchemaRef,
     order: &RowOrder,
     before: &[RecordBatch],
@@ -83,8 +83,8 @@ pub(crate) async fn write(
         columns.push(Arc::new(types));
         RecordBatch::try_new(schema.clone(), columns).map_err(transform_error)
     };
-    let store: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(store, CHANGE_DATA_DIR));
-    let mut writer = new_writer(store, &schema);
+    let store: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(target.store.clone(), CHANGE_DATA_DIR));
+    let mut writer = new_writer(store, &schema, &target.partition_by);
     for (batch, types) in [(&before, types_before), (&after, types_after)] {
         if batch.num_rows() > 0 {
             writer.write(&with_type(batch, types)?).await?;

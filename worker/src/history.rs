@@ -29,9 +29,7 @@ use sluice_proto::task::MergeCounts;
 use crate::change_data;
 use crate::conform::conform_batch;
 use crate::error::WorkerError;
-use crate::merge::{
-    Changes, MergeOutput, RowOrder, Target, candidate_files, merge_error, new_writer, read_files, transform_error,
-};
+use crate::merge::{Changes, MergeOutput, RowOrder, Target, candidate_files, merge_error, new_writer, transform_error};
 
 /// The sequence that opened a version, and the one that closed it.
 pub const START_AT: &str = "__start_at";
@@ -68,7 +66,7 @@ pub(crate) async fn merge_history(
     // Files holding a key of the batch are rewritten without that key's
     // versions, which are kept aside to be rebuilt.
     let mut counts = MergeCounts::default();
-    let mut writer = new_writer(target.store.clone(), table_schema);
+    let mut writer = new_writer(target.store.clone(), table_schema, &target.partition_by);
     let mut rows_written = 0u64;
     let mut history: Vec<RecordBatch> = Vec::new();
     let mut removes: Vec<Remove> = Vec::new();
@@ -76,7 +74,7 @@ pub(crate) async fn merge_history(
         let candidates = candidate_files(table, &spec.keys[0], &first_key).await?;
         counts.files_scanned = candidates.len() as u64;
         let mut touched = Vec::new();
-        let probes = read_files(&target.store, candidates, Some(spec.keys.clone()));
+        let probes = target.read_files(candidates, Some(spec.keys.clone()), table_schema);
         futures::pin_mut!(probes);
         while let Some(probe) = probes.next().await {
             let (file, batches) = probe?;
@@ -89,7 +87,7 @@ pub(crate) async fn merge_history(
             }
         }
         counts.files_rewritten = touched.len() as u64;
-        let rewrites = read_files(&target.store, touched, None);
+        let rewrites = target.read_files(touched, None, table_schema);
         futures::pin_mut!(rewrites);
         while let Some(rewrite) = rewrites.next().await {
             let (file, batches) = rewrite?;
@@ -121,7 +119,7 @@ pub(crate) async fn merge_history(
         let mut identity = spec.clone();
         identity.keys.push(START_AT.to_string());
         let identity = RowOrder::new(&identity, table_schema)?;
-        change_data::write(target.store.clone(), table_schema, &identity, &history, &[versions]).await?
+        change_data::write(target, table_schema, &identity, &history, &[versions]).await?
     } else {
         Vec::new()
     };

@@ -74,16 +74,19 @@ pub(crate) fn merge_error(message: impl Into<String>) -> WorkerError {
 
 /// Merges the changes on `changes` into the table at `table_url` as of
 /// `target_version` (`None`: no table yet, every upsert is an insert).
+/// `partition_by`: the sink's partition columns, for a table that does not
+/// exist yet (an existing table's own are used).
 pub async fn merge_changes(
     spec: &MergeSpec,
     table_url: &Url,
     target_version: Option<u64>,
     changes: SendableRecordBatchStream,
     table_schema: &SchemaRef,
+    partition_by: &[String],
     storage: &StorageOptions,
 ) -> Result<MergeOutput, WorkerError> {
     let changes = load_changes(spec, changes).await?;
-    let target = Target::open(table_url, target_version, storage).await?;
+    let target = Target::open(table_url, target_version, partition_by, storage).await?;
     if spec.scd == 2 {
         return crate::history::merge_history(spec, &target, changes, table_schema).await;
     }
@@ -109,7 +112,7 @@ pub async fn merge_changes(
         counts.files_scanned = candidates.len() as u64;
         let mut probe_columns: Vec<String> = spec.keys.clone();
         probe_columns.push(spec.sequence_by.clone());
-        let probes = read_files(&target.store, candidates, Some(probe_columns));
+        let probes = target.read_files(candidates, Some(probe_columns), table_schema);
         futures::pin_mut!(probes);
         let mut touched: Vec<(TargetFile, Vec<usize>)> = Vec::new();
         while let Some(probe) = probes.next().await {
@@ -162,11 +165,11 @@ pub async fn merge_changes(
     // batch replaces are kept aside only when an update's NULLs keep their values.
     let replaced: HashSet<&[u8]> =
         index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| *row).collect();
-    let mut writer = new_writer(target.store.clone(), table_schema);
+    let mut writer = new_writer(target.store.clone(), table_schema, &target.partition_by);
     let mut rows_written = 0u64;
     let mut replaced_rows: Vec<RecordBatch> = Vec::new();
     let mut removes: Vec<Remove> = Vec::with_capacity(to_rewrite.len());
-    let rewrites = read_files(&target.store, to_rewrite, None);
+    let rewrites = target.read_files(to_rewrite, None, table_schema);
     futures::pin_mut!(rewrites);
     while let Some(rewrite) = rewrites.next().await {
         let (file, batches) = rewrite?;
@@ -203,7 +206,7 @@ pub async fn merge_changes(
     }
     let adds = writer.close().await?;
     let cdc = if target.change_data && !removes.is_empty() {
-        change_data::write(target.store.clone(), table_schema, &order, &replaced_rows, &[upserts]).await?
+        change_data::write(&target, table_schema, &order, &replaced_rows, &[upserts]).await?
     } else {
         Vec::new()
     };
@@ -244,10 +247,18 @@ pub(crate) struct Target {
     /// The table records its change data feed: a merge that rewrites files
     /// writes change data files.
     pub change_data: bool,
+    /// Its partition columns: not in its data files, but in each file's
+    /// partition values; what is written is split by them.
+    pub partition_by: Vec<String>,
 }
 
 impl Target {
-    async fn open(table_url: &Url, version: Option<u64>, storage: &StorageOptions) -> Result<Self, WorkerError> {
+    async fn open(
+        table_url: &Url,
+        version: Option<u64>,
+        partition_by: &[String],
+        storage: &StorageOptions,
+    ) -> Result<Self, WorkerError> {
         let table = match version {
             Some(version) => Some(open_table(table_url, Some(version), storage).await?),
             None => None,
@@ -257,14 +268,69 @@ impl Target {
             None => crate::storage::table_builder(table_url, storage)?.build()?.object_store(),
         };
         let change_data = table.as_ref().is_some_and(change_data::enabled);
-        Ok(Self { table, store, change_data })
+        let partition_by = match &table {
+            Some(table) => table.snapshot()?.metadata().partition_columns().to_vec(),
+            None => partition_by.to_vec(),
+        };
+        Ok(Self { table, store, change_data, partition_by })
+    }
+
+    /// Reads `files`, a few at a time, in order: all columns or only
+    /// `columns`, with the partition columns among them filled in from each
+    /// file's partition values (typed as in `table_schema`).
+    pub(crate) fn read_files(
+        &self,
+        files: Vec<TargetFile>,
+        columns: Option<Vec<String>>,
+        table_schema: &SchemaRef,
+    ) -> impl futures::Stream<Item = Result<(TargetFile, Vec<RecordBatch>), WorkerError>> + use<> {
+        let partitions: Vec<Field> = self
+            .partition_by
+            .iter()
+            .filter(|p| columns.as_ref().is_none_or(|c| c.contains(p)))
+            .filter_map(|p| table_schema.field_with_name(p).ok().cloned())
+            .collect();
+        read_files(&self.store, files, columns).map(move |read| {
+            let (file, batches) = read?;
+            if partitions.is_empty() {
+                return Ok((file, batches));
+            }
+            let batches = batches
+                .iter()
+                .map(|batch| with_partition_values(batch, &partitions, &file))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((file, batches))
+        })
     }
 }
 
-pub(crate) fn new_writer(store: Arc<dyn ObjectStore>, table_schema: &SchemaRef) -> DeltaWriter {
+/// `batch`, read from `file`, with the partition columns appended.
+fn with_partition_values(batch: &RecordBatch, fields: &[Field], file: &TargetFile) -> Result<RecordBatch, WorkerError> {
+    let values = file.remove.partition_values.as_ref();
+    let mut schema_fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = batch.columns().to_vec();
+    for field in fields {
+        if batch.schema().field_with_name(field.name()).is_ok() {
+            continue;
+        }
+        let value = values.and_then(|v| v.get(field.name())).cloned().flatten();
+        let text: ArrayRef = Arc::new(arrow::array::StringArray::from(vec![value; batch.num_rows()]));
+        let column = cast(&text, field.data_type())
+            .map_err(|e| merge_error(format!("partition value of `{}` in {}: {e}", field.name(), file.path)))?;
+        schema_fields.push(field.clone().with_nullable(true));
+        columns.push(column);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(schema_fields)), columns).map_err(transform_error)
+}
+
+pub(crate) fn new_writer(
+    store: Arc<dyn ObjectStore>,
+    table_schema: &SchemaRef,
+    partition_by: &[String],
+) -> DeltaWriter {
     let config = WriterConfig::new(
         table_schema.clone(),
-        Vec::new(),
+        partition_by.to_vec(),
         None,
         NonZeroU64::new(TARGET_FILE_SIZE),
         None,

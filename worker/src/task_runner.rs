@@ -356,8 +356,16 @@ async fn write_output(
     let table_url = parse_url(&task.table_url)?;
     ensure_local_dir(&table_url)?;
     if let Some(merge) = &task.merge {
-        let output =
-            merge_changes(&merge.spec, &table_url, merge.target_version, stream, table_schema, &task.storage).await?;
+        let output = merge_changes(
+            &merge.spec,
+            &table_url,
+            merge.target_version,
+            stream,
+            table_schema,
+            &task.partition_by,
+            &task.storage,
+        )
+        .await?;
         return Ok(Written {
             adds: output.adds,
             removes: output.removes,

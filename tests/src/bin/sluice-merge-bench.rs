@@ -157,8 +157,9 @@ async fn sluice_merge(path: &Path, changes: RecordBatch, scd: u8) -> (f64, Strin
     };
     let stream = Box::pin(RecordBatchStreamAdapter::new(schema(), futures::stream::iter([Ok(changes)])));
     let table_schema = target_schema(scd);
-    let output =
-        merge_changes(&spec, &table_url, version, stream, &table_schema, &Default::default()).await.expect("merge");
+    let output = merge_changes(&spec, &table_url, version, stream, &table_schema, &[], &Default::default())
+        .await
+        .expect("merge");
     let merged = started.elapsed().as_secs_f64();
     let (delta_schema, _) = to_delta(&table_schema).expect("a Delta schema");
     let change_files = output.cdc.len();
