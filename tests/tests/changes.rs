@@ -859,3 +859,32 @@ flows:
         "1:eu:update_postimage,1:eu:update_preimage,2:eu:update_postimage,2:us:update_preimage,3:eu:delete"
     );
 }
+
+/// A merge sink partitioned by its first key reads, for a batch, only the
+/// partitions the batch's keys fall into.
+#[test]
+fn a_merge_partitioned_by_its_first_key_reads_only_the_partitions_of_the_batch() {
+    let sandbox = Sandbox::new();
+    let row = |day: i64, id: i64, amount: i64| format!("{{\"day\": {day}, \"id\": {id}, \"amount\": {amount}}}\n");
+    sandbox.write("in/a.json", (1..=3).flat_map(|day| (0..2).map(move |id| row(day, id, 1))).collect::<String>());
+    sandbox.pipeline(
+        r#"
+pipeline: days
+checkpoint: ./lake/_checkpoints/days
+flows:
+  - name: by_day
+    source:
+      files: { path: ./in, format: json, schema: "day BIGINT, id BIGINT, amount BIGINT" }
+    transform: SELECT day, id, amount, _metadata.file_name AS file FROM source
+    sink: { table: ./lake/by_day, mode: merge, keys: [day, id], sequence_by: file, partition_by: [day] }
+"#,
+    );
+    sandbox.run_ok();
+    sandbox.write("in/b.json", [row(3, 0, 5), row(3, 9, 5)].concat());
+    let summary = sandbox.run_ok();
+    let merge = &summary["flows"][0]["merge"];
+    assert_eq!((merge["files_scanned"].as_u64(), merge["updated"].as_u64()), (Some(1), Some(1)), "{summary}");
+    let table = sandbox.path("lake/by_day");
+    assert_eq!(single_value(&table, "SELECT count(*) FROM t"), "7");
+    assert_eq!(single_value(&table, "SELECT sum(amount) FROM t WHERE day = 3"), "11");
+}

@@ -557,16 +557,25 @@ pub(crate) async fn candidate_files(
     let bounds = KeyBounds::of(keys);
     let mut candidates = Vec::new();
     for FileBounds { file, min, max } in file_bounds(table, key).await? {
+        let remove = file.remove_action(true);
+        // A key that is a partition column has no statistics: its file's partition value bounds it.
+        let (min, max) =
+            match (min, max) {
+                (Some(min), Some(max)) => (Some(min), Some(max)),
+                _ => {
+                    let value =
+                        remove.partition_values.as_ref().and_then(|v| v.get(key)).cloned().flatten().map(|v| {
+                            v.parse::<i64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(v))
+                        });
+                    (value.clone(), value)
+                }
+            };
         if let (Some(bounds), Some(min), Some(max)) = (&bounds, &min, &max)
             && !bounds.any_within(min, max)
         {
             continue;
         }
-        candidates.push(TargetFile {
-            path: file.object_store_path(),
-            size: file.size() as u64,
-            remove: file.remove_action(true),
-        });
+        candidates.push(TargetFile { path: file.object_store_path(), size: file.size() as u64, remove });
     }
     Ok(candidates)
 }
