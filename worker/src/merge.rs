@@ -54,6 +54,10 @@ const DELETE: &str = "__sluice_delete";
 /// Target files read at a time.
 const READ_CONCURRENCY: usize = 4;
 
+/// Candidate files up to this size in all are read whole in one pass (their
+/// rows are kept for the rewrite); larger sets are probed by key first.
+const READ_WHOLE_BYTES: u64 = 256 << 20;
+
 pub struct MergeOutput {
     pub adds: Vec<Add>,
     pub removes: Vec<Remove>,
@@ -106,45 +110,57 @@ pub async fn merge_changes(
     // Which target rows hold a key of the batch, and which changes are stale.
     let mut stale: HashSet<usize> = HashSet::new();
     let mut matched: HashSet<usize> = HashSet::new();
-    let mut to_rewrite: Vec<TargetFile> = Vec::new();
+    // Files to rewrite, with their rows when they were read whole already.
+    let mut to_rewrite: Vec<(TargetFile, Vec<RecordBatch>)> = Vec::new();
     if let Some(table) = &target.table {
         let candidates = candidate_files(table, &spec.keys[0], &first_key).await?;
         counts.files_scanned = candidates.len() as u64;
+        // Small enough: read the candidates whole at once, so that the files to
+        // rewrite are not read a second time. Otherwise only keys and sequence.
+        let whole = candidates.iter().map(|f| f.size).sum::<u64>() <= READ_WHOLE_BYTES;
         let mut probe_columns: Vec<String> = spec.keys.clone();
         probe_columns.push(spec.sequence_by.clone());
-        let probes = target.read_files(candidates, Some(probe_columns), table_schema);
+        let probes = target.read_files(candidates, (!whole).then_some(probe_columns), table_schema);
         futures::pin_mut!(probes);
-        let mut touched: Vec<(TargetFile, Vec<usize>)> = Vec::new();
+        let mut touched: Vec<(TargetFile, Vec<usize>, Vec<RecordBatch>)> = Vec::new();
         while let Some(probe) = probes.next().await {
             let (file, batches) = probe?;
             let mut hits: Vec<usize> = Vec::new();
             for batch in &batches {
                 let rows = order.key_rows(batch)?;
-                let target_sequence = match batch.column_by_name(&spec.sequence_by) {
-                    Some(column) => Some((column.clone(), order.sequence_rows(column)?)),
-                    None => None,
-                };
+                let mut hit_rows: Vec<u32> = Vec::new();
+                let first_hit = hits.len();
                 for (row_index, row) in rows.iter().enumerate() {
                     let Some(&change) = index.get(row.as_ref()) else { continue };
                     hits.push(change);
+                    hit_rows.push(row_index as u32);
+                }
+                // Stale changes: older than the target's row. Only the rows hit are compared.
+                let Some(column) = batch.column_by_name(&spec.sequence_by) else { continue };
+                if hit_rows.is_empty() {
+                    continue;
+                }
+                let column = arrow::compute::take(column, &arrow::array::UInt32Array::from(hit_rows), None)
+                    .map_err(transform_error)?;
+                let target_rows = order.sequence_rows(&column)?;
+                for (at, &change) in hits[first_hit..].iter().enumerate() {
                     // A NULL sequence on either side never makes a change stale.
-                    if let Some((column, target_rows)) = &target_sequence
-                        && column.is_valid(row_index)
+                    if column.is_valid(at)
                         && sequence.is_valid(change)
-                        && target_rows.row(row_index) > sequence_rows.row(change)
+                        && target_rows.row(at) > sequence_rows.row(change)
                     {
                         stale.insert(change);
                     }
                 }
             }
             if !hits.is_empty() {
-                touched.push((file, hits));
+                touched.push((file, hits, if whole { batches } else { Vec::new() }));
             }
         }
-        for (file, hits) in touched {
+        for (file, hits, batches) in touched {
             matched.extend(hits.iter().copied());
             if hits.iter().any(|change| !stale.contains(change)) {
-                to_rewrite.push(file);
+                to_rewrite.push((file, batches));
             }
         }
     }
@@ -161,18 +177,24 @@ pub async fn merge_changes(
     }
     counts.files_rewritten = to_rewrite.len() as u64;
 
-    // What stays of the rewritten files is written as it is read; the rows the
-    // batch replaces are kept aside only when an update's NULLs keep their values.
+    // What stays of each rewritten file is written to a file of its own (so
+    // the table keeps its layout, and its key ranges), several files encoded
+    // at once; the rows the batch replaces are kept aside only when an
+    // update's NULLs keep their values or change data is written.
     let replaced: HashSet<&[u8]> =
         index.iter().filter(|(_, change)| !stale.contains(change)).map(|(row, _)| *row).collect();
-    let mut writer = new_writer(target.store.clone(), table_schema, &target.partition_by);
     let mut rows_written = 0u64;
     let mut replaced_rows: Vec<RecordBatch> = Vec::new();
     let mut removes: Vec<Remove> = Vec::with_capacity(to_rewrite.len());
-    let rewrites = target.read_files(to_rewrite, None, table_schema);
+    let encoders = Arc::new(tokio::sync::Semaphore::new(encode_concurrency()));
+    let mut encoding: tokio::task::JoinSet<Result<Vec<Add>, WorkerError>> = tokio::task::JoinSet::new();
+    let (read, unread): (Vec<_>, Vec<_>) = to_rewrite.into_iter().partition(|(_, batches)| !batches.is_empty());
+    let unread: Vec<TargetFile> = unread.into_iter().map(|(file, _)| file).collect();
+    let rewrites = futures::stream::iter(read.into_iter().map(Ok)).chain(target.read_files(unread, None, table_schema));
     futures::pin_mut!(rewrites);
     while let Some(rewrite) = rewrites.next().await {
         let (file, batches) = rewrite?;
+        let mut kept_batches = Vec::with_capacity(batches.len());
         for batch in batches {
             let rows = order.key_rows(&batch)?;
             let keep: BooleanArray = rows.iter().map(|row| Some(!replaced.contains(row.as_ref()))).collect();
@@ -182,15 +204,27 @@ pub async fn merge_changes(
                     filter_record_batch(&batch, &not(&keep).map_err(transform_error)?).map_err(transform_error)?;
                 replaced_rows.push(conform_batch(&gone, table_schema).map_err(|e| merge_error(e.to_string()))?);
             }
-            if kept.num_rows() == 0 {
-                continue;
+            if kept.num_rows() > 0 {
+                let kept = conform_batch(&kept, table_schema).map_err(|e| merge_error(e.to_string()))?;
+                rows_written += kept.num_rows() as u64;
+                kept_batches.push(kept);
             }
-            let kept = conform_batch(&kept, table_schema).map_err(|e| merge_error(e.to_string()))?;
-            rows_written += kept.num_rows() as u64;
-            writer.write(&kept).await?;
         }
         removes.push(file.remove);
+        if kept_batches.is_empty() {
+            continue;
+        }
+        let permit = encoders.clone().acquire_owned().await.map_err(transform_error)?;
+        let mut writer = new_writer(target.store.clone(), table_schema, &target.partition_by);
+        encoding.spawn(async move {
+            let _permit = permit;
+            for batch in &kept_batches {
+                writer.write(batch).await?;
+            }
+            Ok(writer.close().await?)
+        });
     }
+    let mut writer = new_writer(target.store.clone(), table_schema, &target.partition_by);
 
     // The upserts: the winning changes that are neither deletes nor stale.
     let keep_upsert: BooleanArray =
@@ -204,7 +238,10 @@ pub async fn merge_changes(
         rows_written += upserts.num_rows() as u64;
         writer.write(&upserts).await?;
     }
-    let adds = writer.close().await?;
+    let mut adds = writer.close().await?;
+    while let Some(encoded) = encoding.join_next().await {
+        adds.extend(encoded.map_err(|e| merge_error(format!("a rewrite failed: {e}")))??);
+    }
     let cdc = if target.change_data && !removes.is_empty() {
         change_data::write(&target, table_schema, &order, &replaced_rows, &[upserts]).await?
     } else {
@@ -321,6 +358,11 @@ fn with_partition_values(batch: &RecordBatch, fields: &[Field], file: &TargetFil
         columns.push(column);
     }
     RecordBatch::try_new(Arc::new(Schema::new(schema_fields)), columns).map_err(transform_error)
+}
+
+/// Rewritten files encoded at once: one per core.
+fn encode_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 pub(crate) fn new_writer(
