@@ -434,13 +434,12 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
         eprintln!("error: {e}");
     }
     for flow in &spec.flows {
-        let source = match &flow.source {
-            SourceSpec::Files(files) => files,
-            SourceSpec::Watermark(w) if flow.source.files().is_some() => {
-                let files = flow.source.files().expect("a folder of files");
-                println!("  {}: rows beyond the watermark on `{}` of:", flow.name, w.column);
-                files
-            }
+        let (source, what) = match &flow.source {
+            SourceSpec::Files(files) => (files, String::new()),
+            SourceSpec::Watermark(w) if flow.source.files().is_some() => (
+                flow.source.files().expect("a folder of files"),
+                format!("rows beyond the watermark on `{}` of ", w.column),
+            ),
             SourceSpec::DeltaChanges(_) | SourceSpec::Delta(_) | SourceSpec::Watermark(_) => {
                 let table = flow.source.table().expect("a Delta source");
                 let what = match &flow.source {
@@ -461,7 +460,7 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
             }
         };
         println!(
-            "  {}: {:?} files in {} -> {} (txn app id {})",
+            "  {}: {what}{:?} files in {} -> {} (txn app id {})",
             flow.name,
             source.format,
             source.location,
