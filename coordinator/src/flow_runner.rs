@@ -202,7 +202,9 @@ impl FlowRunner {
         metrics::histogram!(sluice_worker::telemetry::LISTING_SECONDS, "pipeline" => pipeline, "flow" => flow, "listing" => kind)
             .record(seconds);
         debug!(flow = self.flow(), listing = kind, files = files.len(), seconds, "source listed");
-        if offset.is_none() && self.source.listing != Listing::Full {
+        // Recorded only where it can lead to incremental listings: no write a
+        // round for a source that is listed in full for good.
+        if offset.is_none() && self.may_list_incrementally(&state.ledger) {
             let mut ordered_listings = record.as_ref().map_or(0, |r| r.ordered_listings);
             match state.ledger.new_keys_in_order(&files) {
                 Some(true) => ordered_listings += 1,
@@ -225,15 +227,9 @@ impl FlowRunner {
     /// ingested, and no `allow_overwrites` (only full listings see rewrites).
     fn listing_offset(&self, state: &FlowState, record: Option<&ListingRecord>) -> Option<object_store::path::Path> {
         let last_key = state.ledger.last_key()?;
-        let incremental = match self.source.listing {
-            Listing::Full => false,
-            Listing::Incremental => true,
-            Listing::Auto => {
-                !self.source.allow_overwrites
-                    && state.ledger.ordered()
-                    && record.is_some_and(|r| r.ordered_listings >= ORDERED_LISTINGS_FOR_AUTO)
-            }
-        };
+        let evidence = || record.is_some_and(|r| r.ordered_listings >= ORDERED_LISTINGS_FOR_AUTO);
+        let incremental =
+            self.may_list_incrementally(&state.ledger) && (self.source.listing == Listing::Incremental || evidence());
         if !incremental {
             return None;
         }
@@ -246,6 +242,16 @@ impl FlowRunner {
             }
         }
         Some(last_key.clone())
+    }
+
+    /// Whether this source can be listed incrementally at all: `incremental`,
+    /// or `auto` without `allow_overwrites` and with an ordered ledger.
+    fn may_list_incrementally(&self, ledger: &Ledger) -> bool {
+        match self.source.listing {
+            Listing::Full => false,
+            Listing::Incremental => true,
+            Listing::Auto => !self.source.allow_overwrites && ledger.ordered(),
+        }
     }
 
     async fn run_and_record(
