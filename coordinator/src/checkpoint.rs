@@ -209,7 +209,7 @@ impl Checkpoint {
     }
 
     /// The files (with their identity) a watermark-over-files flow has read
-    /// in full in a round that ended well; `None` before the first.
+    /// in full in its last committed round; `None` before the first.
     pub async fn watermark_files(&self, flow: &str) -> Result<Option<Vec<SourceFile>>, CoordinatorError> {
         self.read_json(&self.root.clone().join("flows").join(flow).join("watermark_files.json")).await
     }

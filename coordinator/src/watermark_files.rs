@@ -12,10 +12,12 @@
 //! Fields outside it are ignored. A round with nothing beyond the watermark
 //! commits nothing.
 //!
-//! A file that has not changed since a round that ended well read it is not
-//! read again: that round saw all of its rows, those beyond the watermark of
-//! then are committed, and the others stay at or below every later watermark
-//! (it only grows, and the lag window moves up with it). So a round reads the
+//! A file that has not changed since a committed round read it is not read
+//! again: that round committed all of its rows beyond the watermark of then
+//! less the lag, and the others stay at or below every later watermark less
+//! the lag (the watermark only grows). A round that commits nothing (nothing
+//! beyond the watermark, only late rows within the lag) records nothing, so
+//! its late rows are read again by the round that moves the watermark. So a round reads the
 //! new and rewritten files only. The list of files read is written to the
 //! checkpoint after the round's commit, never before: a crash in between
 //! costs one round reading everything again, and nothing is skipped unread.
@@ -188,12 +190,14 @@ impl WatermarkFilesRunner {
         info.insert("sluice.watermark.after".to_string(), read.after.into());
         let work = BatchWork { batch, tasks, delta_schema, follows: Some(committed), info };
         let Committed { version, rows, merge, batch, quality } = self.ctx.execute_and_commit(work, None).await?;
-        // Committed, or nothing beyond the watermark: either way every row of these files is settled.
-        self.ctx.checkpoint.record_watermark_files(&flow, &listed).await?;
         let Some(batch) = batch else {
+            // Rows within the lag below the watermark wait for a round that
+            // moves it: these files are read again until one does.
             info!(flow, "nothing beyond the watermark; nothing committed");
             return Ok(None);
         };
+        // Committed: every row of these files beyond the last watermark less the lag is in.
+        self.ctx.checkpoint.record_watermark_files(&flow, &listed).await?;
         let seconds = started.elapsed().as_secs_f64();
         info!(flow, batch, rows, version, seconds, "batch committed");
         Ok(Some(BatchReport {

@@ -690,7 +690,8 @@ fn a_watermark_on_a_missing_or_unfit_column_says_what_is_wrong() {
 /// added to: each round reads only the new and rewritten files, keeps the rows
 /// beyond the watermark (less the lag), and moves the watermark with its
 /// commit. A crash before the commit moves nothing; a malformed row goes to
-/// the quarantine table once, not again every round.
+/// the quarantine table once, not again every round; a late row alone waits
+/// for the round that moves the watermark.
 #[test]
 fn a_watermark_over_a_folder_of_files_reads_only_what_changed_and_rows_beyond_it() {
     let sandbox = Sandbox::new();
@@ -758,6 +759,15 @@ flows:
     assert_eq!(rows(&orders), "1:5,2:60,3:7,4:8,6:1,8:2");
     let quarantine = sandbox.path("lake/orders_quarantine");
     assert_eq!(single_value(&quarantine, "SELECT count(*) FROM t"), "1");
+
+    // A late row within the lag, alone: it waits for the round that moves the watermark.
+    sandbox.write("exports/orders-5.csv", format!("{header}9,57,3\n"));
+    sandbox.run_ok();
+    assert_eq!(rows(&orders), "1:5,2:60,3:7,4:8,6:1,8:2");
+    sandbox.write("exports/orders-6.csv", format!("{header}10,70,4\n"));
+    sandbox.run_ok();
+    assert_eq!(rows(&orders), "1:5,2:60,3:7,4:8,6:1,8:2,9:3,10:4");
+    assert_eq!(txn_versions(&orders), vec![30, 40, 50, 60, 70]);
 
     // Nothing changed: nothing is read or committed.
     let versions = (log_entries(&orders).len(), log_entries(&log).len());
