@@ -25,6 +25,11 @@ use crate::error::CoordinatorError;
 use crate::flow_runner::{BatchWork, Committed, FlowContext, commit_info};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
 
+/// Up to this many versions in a batch, the ranges its tasks read are
+/// balanced by each commit's bytes (one log entry read per version); above,
+/// by the number of versions.
+const MAX_WEIGHED_VERSIONS: u64 = 1000;
+
 pub struct DeltaFlowRunner {
     ctx: FlowContext,
     /// The source table (`ctx.flow.source`'s).
@@ -253,7 +258,13 @@ impl DeltaFlowRunner {
             DeltaReadKind::Changes { start, end } if merge.is_none() && self.ctx.flow.sink.mode == SinkMode::Append => {
                 let parts = self.ctx.parallelism.load(Ordering::Relaxed);
                 if parts > 1 && end > start {
-                    split_versions(start, &self.change_sizes(source, start, end).await?, parts)
+                    // Weighing each version reads its log entry; a very long range is cut by count.
+                    let sizes = if end - start < MAX_WEIGHED_VERSIONS {
+                        self.change_sizes(source, start, end).await?
+                    } else {
+                        vec![1; (end - start + 1) as usize]
+                    };
+                    split_versions(start, &sizes, parts)
                 } else {
                     vec![planned.kind]
                 }
