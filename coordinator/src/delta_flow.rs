@@ -14,7 +14,7 @@ use std::time::Instant;
 use arrow::datatypes::Schema;
 use deltalake::DeltaTable;
 use sluice_proto::spec::{DeltaChangesSource, SinkMode, SourceSpec, TableRef, WatermarkSource, WatermarkValue};
-use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskId, TaskSpec, WatermarkRead};
+use sluice_proto::task::{DeltaRead, DeltaReadKind, TaskSpec, WatermarkRead};
 use sluice_worker::delta_source::{explain, file_bounds, relation_schema};
 use sluice_worker::watermark::WatermarkKind;
 use tokio_util::sync::CancellationToken;
@@ -275,30 +275,9 @@ impl DeltaFlowRunner {
             .into_iter()
             .enumerate()
             .map(|(index, kind)| TaskSpec {
-                id: TaskId {
-                    pipeline: self.ctx.pipeline.clone(),
-                    flow: flow.clone(),
-                    batch: planned.batch,
-                    index: index as u32,
-                },
-                attempt: 0,
-                files: Vec::new(),
-                format: sluice_proto::spec::Format::Parquet,
-                csv: Default::default(),
-                source_schema: relation.as_ref().clone(),
-                transform: self.ctx.flow.transform.clone(),
-                table_url: self.ctx.flow.sink.table.to_string(),
-                table_schema: table_schema.clone(),
-                partition_by: self.ctx.flow.sink.partition_by.clone(),
-                ingest_time_us: chrono::Utc::now().timestamp_micros(),
                 delta_read: Some(DeltaRead { table_url: self.table.url.to_string(), kind }),
-                merge: merge.clone(),
                 watermark: planned.watermark.clone(),
-                on_malformed: Default::default(),
-                schema_evolution: Default::default(),
-                expectations: self.ctx.flow.expectations.clone(),
-                quarantine_url: self.ctx.flow.quarantine.to_string(),
-                storage: self.ctx.storage.clone(),
+                ..self.ctx.task(planned.batch, index, &relation, &table_schema, &merge)
             })
             .collect();
         let (first, last) = match planned.kind {

@@ -560,40 +560,16 @@ impl FlowRunner {
         table_schema: &Schema,
         target: Option<&DeltaTable>,
     ) -> Vec<TaskSpec> {
-        let source = &self.source;
         let merge = self.ctx.merge_task(target);
-        // A merge reads the table's rows for the batch's keys: one task sees all of them.
-        let parallelism = if merge.is_some() { 1 } else { self.ctx.parallelism.load(Ordering::Relaxed) };
-        split_into_tasks(&plan.files, parallelism)
-            .into_iter()
-            .enumerate()
-            .map(|(index, files)| TaskSpec {
-                id: TaskId {
-                    pipeline: self.ctx.pipeline.clone(),
-                    flow: self.flow().to_string(),
-                    batch: plan.batch,
-                    index: index as u32,
-                },
-                attempt: 0,
-                files,
-                format: source.format,
-                csv: source.csv.clone(),
-                source_schema: source_schema.as_ref().clone(),
-                transform: self.ctx.flow.transform.clone(),
-                table_url: self.ctx.flow.sink.table.to_string(),
-                table_schema: table_schema.clone(),
-                partition_by: self.ctx.flow.sink.partition_by.clone(),
-                ingest_time_us: plan.planned_at_us,
-                delta_read: None,
-                merge: merge.clone(),
-                watermark: None,
-                on_malformed: source.on_malformed,
-                schema_evolution: source.schema_evolution,
-                expectations: self.ctx.flow.expectations.clone(),
-                quarantine_url: self.ctx.flow.quarantine.to_string(),
-                storage: self.ctx.storage.clone(),
-            })
-            .collect()
+        self.ctx.file_tasks(
+            plan.batch,
+            &plan.files,
+            &self.source,
+            source_schema,
+            table_schema,
+            merge,
+            plan.planned_at_us,
+        )
     }
 }
 
@@ -688,6 +664,68 @@ pub(crate) struct BatchWork {
 impl FlowContext {
     pub(crate) fn flow_name(&self) -> &str {
         &self.flow.name
+    }
+
+    /// Task `index` of `batch` with what every task of this flow carries; the
+    /// caller sets what it reads (files, a Delta read, a watermark).
+    pub(crate) fn task(
+        &self,
+        batch: u64,
+        index: usize,
+        source_schema: &Schema,
+        table_schema: &Schema,
+        merge: &Option<MergeTask>,
+    ) -> TaskSpec {
+        TaskSpec {
+            id: TaskId { pipeline: self.pipeline.clone(), flow: self.flow.name.clone(), batch, index: index as u32 },
+            attempt: 0,
+            files: Vec::new(),
+            format: sluice_proto::spec::Format::Parquet,
+            csv: Default::default(),
+            source_schema: source_schema.clone(),
+            transform: self.flow.transform.clone(),
+            table_url: self.flow.sink.table.to_string(),
+            table_schema: table_schema.clone(),
+            partition_by: self.flow.sink.partition_by.clone(),
+            ingest_time_us: chrono::Utc::now().timestamp_micros(),
+            delta_read: None,
+            merge: merge.clone(),
+            watermark: None,
+            on_malformed: Default::default(),
+            schema_evolution: Default::default(),
+            expectations: self.flow.expectations.clone(),
+            quarantine_url: self.flow.quarantine.to_string(),
+            storage: self.storage.clone(),
+        }
+    }
+
+    /// The tasks that read `files` of a files source, split over the worker
+    /// slots; one task for a merge, which must see all of a key's rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn file_tasks(
+        &self,
+        batch: u64,
+        files: &[SourceFile],
+        source: &FilesSource,
+        source_schema: &Schema,
+        table_schema: &Schema,
+        merge: Option<MergeTask>,
+        ingest_time_us: i64,
+    ) -> Vec<TaskSpec> {
+        let parallelism = if merge.is_some() { 1 } else { self.parallelism.load(Ordering::Relaxed) };
+        split_into_tasks(files, parallelism)
+            .into_iter()
+            .enumerate()
+            .map(|(index, files)| TaskSpec {
+                files,
+                format: source.format,
+                csv: source.csv.clone(),
+                ingest_time_us,
+                on_malformed: source.on_malformed,
+                schema_evolution: source.schema_evolution,
+                ..self.task(batch, index, source_schema, table_schema, &merge)
+            })
+            .collect()
     }
 
     pub(crate) fn delta_error(&self, source: deltalake::DeltaTableError) -> CoordinatorError {

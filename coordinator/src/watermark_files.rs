@@ -23,12 +23,11 @@
 //! costs one round reading everything again, and nothing is skipped unread.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arrow::datatypes::Schema;
 use sluice_proto::spec::{FilesSource, SchemaEvolution, SchemaSpec, SourceSpec, WatermarkInput, WatermarkSource};
-use sluice_proto::task::{TaskId, TaskSpec, WatermarkRead};
+use sluice_proto::task::{TaskSpec, WatermarkRead};
 use sluice_worker::formats::{infer_schema, with_hints};
 use sluice_worker::metadata::with_metadata_field;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +37,6 @@ use crate::delta_flow::{WatermarkBounds, watermark_kind};
 use crate::discovery::{Ledger, list_source};
 use crate::error::CoordinatorError;
 use crate::flow_runner::{BatchWork, Committed, FlowContext, commit_info};
-use crate::planner::split_into_tasks;
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
 
 pub struct WatermarkFilesRunner {
@@ -144,34 +142,13 @@ impl WatermarkFilesRunner {
             .map_err(|e| CoordinatorError::Schema { flow: flow.clone(), message: e.to_string() })?;
         let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target.as_ref()).await?;
         let merge = self.ctx.merge_task(target.as_ref());
-        // A merge needs all of a key's rows in one task.
-        let parallelism = if merge.is_some() { 1 } else { self.ctx.parallelism.load(Ordering::Relaxed) };
         let batch = committed.unwrap_or(0);
-        let ingest_time_us = chrono::Utc::now().timestamp_micros();
-        let tasks: Vec<TaskSpec> = split_into_tasks(&to_read, parallelism)
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let tasks: Vec<TaskSpec> = self
+            .ctx
+            .file_tasks(batch, &to_read, &self.files, &source_schema, &table_schema, merge, now_us)
             .into_iter()
-            .enumerate()
-            .map(|(index, files)| TaskSpec {
-                id: TaskId { pipeline: self.ctx.pipeline.clone(), flow: flow.clone(), batch, index: index as u32 },
-                attempt: 0,
-                files,
-                format: self.files.format,
-                csv: self.files.csv.clone(),
-                source_schema: source_schema.as_ref().clone(),
-                transform: self.ctx.flow.transform.clone(),
-                table_url: self.ctx.flow.sink.table.to_string(),
-                table_schema: table_schema.clone(),
-                partition_by: self.ctx.flow.sink.partition_by.clone(),
-                ingest_time_us,
-                delta_read: None,
-                merge: merge.clone(),
-                watermark: Some(read.clone()),
-                on_malformed: self.files.on_malformed,
-                schema_evolution: SchemaEvolution::None,
-                expectations: self.ctx.flow.expectations.clone(),
-                quarantine_url: self.ctx.flow.quarantine.to_string(),
-                storage: self.ctx.storage.clone(),
-            })
+            .map(|task| TaskSpec { watermark: Some(read.clone()), schema_evolution: SchemaEvolution::None, ..task })
             .collect();
         let (files, bytes) = (to_read.len() as u64, to_read.iter().map(|f| f.size).sum::<u64>());
         self.ctx.progress.send(ProgressEvent::BatchStarted {
