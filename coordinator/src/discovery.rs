@@ -70,8 +70,13 @@ pub async fn list_source(
             })
         })
         .collect();
-    files.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
+    sort_oldest_first(&mut files);
     Ok(files)
+}
+
+/// The order files are ingested in: oldest first, then by path.
+pub fn sort_oldest_first(files: &mut [SourceFile]) {
+    files.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
 }
 
 /// A file's current identity, or `None` when it no longer exists.

@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{BatchPlan, Checkpoint, CommitRecord, ListingRecord, SchemaRecord};
 use crate::commit::{BatchCommit, CommitKind, CommitOutcome, commit_batch, committed_batch, load_table};
-use crate::discovery::{Ledger, head_file, list_source};
+use crate::discovery::{Ledger, head_file, list_source, sort_oldest_first};
 use crate::error::CoordinatorError;
 use crate::planner::{next_batch, split_into_tasks};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent, ProgressSink};
@@ -162,7 +162,7 @@ impl FlowRunner {
                     .send(ProgressEvent::RewrittenFileSkipped { flow: self.flow().to_string(), file: file.url });
             }
         }
-        new.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
+        sort_oldest_first(&mut new);
         self.ctx.progress.send(ProgressEvent::Discovered {
             flow: self.flow().to_string(),
             files: new.len() as u64,

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::delta_flow::{WatermarkBounds, watermark_kind};
-use crate::discovery::{Ledger, list_source};
+use crate::discovery::{Ledger, list_source, sort_oldest_first};
 use crate::error::CoordinatorError;
 use crate::flow_runner::{BatchWork, Committed, FlowContext, commit_info};
 use crate::progress::{BatchReport, FlowSummary, ProgressEvent};
@@ -121,7 +121,7 @@ impl WatermarkFilesRunner {
         let changed = read_before.compare(listed.clone());
         let mut to_read = changed.new;
         to_read.extend(changed.rewritten);
-        to_read.sort_by(|a, b| (a.modified_ms, &a.url).cmp(&(b.modified_ms, &b.url)));
+        sort_oldest_first(&mut to_read);
         if to_read.is_empty() {
             return Ok(None);
         }
