@@ -473,7 +473,7 @@ fn validate(spec: &PipelineSpec) -> ExitCode {
         };
         let checked = runtime.block_on(async {
             let relation = sluice_worker::metadata::with_metadata_field(schema).map_err(|e| e.to_string())?;
-            sluice_worker::transform::output_schema(Arc::clone(&relation), flow.transform.as_deref())
+            sluice_worker::transform::output_schema(Arc::clone(&relation), &[], flow.transform.as_deref())
                 .await
                 .map_err(|e| e.to_string())
         });

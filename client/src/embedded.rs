@@ -67,11 +67,12 @@ impl Embedded {
                 slots: self.slots,
                 timings,
                 drain_timeout: std::time::Duration::ZERO,
+                executor: false,
             },
             worker_shutdown.clone(),
         ));
         let parallelism = Arc::new(AtomicUsize::new(self.slots));
-        let env = RunEnvironment { kv, keys, parallelism, timings, progress, fence: None };
+        let env = RunEnvironment { kv, keys, parallelism, timings, progress, fence: None, query: None };
         let result = run_pipeline(spec, env, cancel).await;
         worker_shutdown.cancel();
         let _ = worker.await;

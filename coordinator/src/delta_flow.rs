@@ -251,7 +251,10 @@ impl DeltaFlowRunner {
         let flow = self.flow().to_string();
         let source_schema = source.snapshot().map_err(|e| self.source_error(e.to_string()))?.snapshot().arrow_schema();
         let relation = relation_schema(&source_schema, planned.kind);
-        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target).await?;
+        let tables = self.ctx.pin_tables().await?;
+        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, &tables, target).await?;
+        let ballista = self.ctx.query_engine(&relation, &tables).await?;
+        let engine = if ballista.is_some() { "ballista" } else { "local" };
         let merge = self.ctx.merge_task(target);
         // A merge needs all of a key's changes, an overwrite and a snapshot read the whole input: one task.
         let ranges = match planned.kind {
@@ -277,6 +280,8 @@ impl DeltaFlowRunner {
             .map(|(index, kind)| TaskSpec {
                 delta_read: Some(DeltaRead { table_url: self.table.url.to_string(), kind }),
                 watermark: planned.watermark.clone(),
+                tables: tables.iter().map(|t| t.named.clone()).collect(),
+                ballista: ballista.clone(),
                 ..self.ctx.task(planned.batch, index, &relation, &table_schema, &merge)
             })
             .collect();
@@ -293,11 +298,15 @@ impl DeltaFlowRunner {
             resumed: false,
             source_versions: Some((first, last)),
         });
-        info!(flow, batch = planned.batch, first, last, tasks = tasks.len(), "batch started");
+        info!(flow, batch = planned.batch, first, last, tasks = tasks.len(), engine, "batch started");
         let mut info = commit_info(&self.ctx.pipeline, &flow, planned.batch, 0, 0);
         info.insert("sluice.source".to_string(), self.table.url.to_string().into());
         info.insert("sluice.source.first_version".to_string(), first.into());
         info.insert("sluice.source.last_version".to_string(), last.into());
+        info.insert("sluice.engine".to_string(), engine.into());
+        for table in &tables {
+            info.insert(format!("sluice.tables.{}.version", table.named.name), table.named.version.into());
+        }
         if let Some(read) = &planned.watermark {
             info.insert("sluice.watermark.column".to_string(), read.column.clone().into());
             info.insert("sluice.watermark.after".to_string(), read.after.into());

@@ -20,10 +20,11 @@ use sluice_proto::keys::Keys;
 use sluice_proto::kv::KvStore;
 use sluice_proto::queue::{QueueError, TaskQueue};
 use sluice_proto::schema_ddl::to_ddl;
-use sluice_proto::spec::{FilesSource, FlowSpec, Listing, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
+use sluice_proto::spec::{Engine, FilesSource, FlowSpec, Listing, SchemaEvolution, SchemaSpec, SinkMode, SourceSpec};
 use sluice_proto::storage::StorageOptions;
 use sluice_proto::task::{
-    MergeCounts, MergeTask, NewColumns, Quality, SourceFile, TaskFailure, TaskId, TaskOutcome, TaskResult, TaskSpec,
+    BallistaRun, MergeCounts, MergeTask, NamedTable, NewColumns, Quality, SourceFile, TaskFailure, TaskId, TaskOutcome,
+    TaskResult, TaskSpec,
 };
 use sluice_proto::timing::LeaseTimings;
 use sluice_worker::expectations::Expectations;
@@ -85,6 +86,35 @@ pub struct FlowContext {
     pub fence: Option<Arc<dyn CommitFence>>,
     pub timings: LeaseTimings,
     pub progress: ProgressSink,
+    /// The cluster's Ballista scheduler, for transforms that need a shuffle
+    /// (`None` in the embedded runtime, which runs every transform locally).
+    pub query: Option<Arc<QueryCluster>>,
+}
+
+/// One of a flow's `tables:` at the version a batch reads, and its schema.
+pub(crate) struct PinnedTable {
+    pub named: NamedTable,
+    pub schema: SchemaRef,
+}
+
+/// What a cluster's leader knows of its query engine, for flows deciding
+/// where a transform runs.
+#[derive(Debug)]
+pub struct QueryCluster {
+    /// The Ballista scheduler's address, `host:port`.
+    pub scheduler: String,
+    /// Workers registered now that run a Ballista executor.
+    pub workers: AtomicUsize,
+}
+
+impl QueryCluster {
+    pub fn new(scheduler: String) -> Self {
+        Self { scheduler, workers: AtomicUsize::new(0) }
+    }
+
+    pub fn live_workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed)
+    }
 }
 
 /// How many full listings in a row must find their new files above the
@@ -550,7 +580,7 @@ impl FlowRunner {
     ) -> Result<(Schema, StructType), CoordinatorError> {
         let relation = with_metadata_field(source_schema)
             .map_err(|e| CoordinatorError::Schema { flow: self.flow().to_string(), message: e.to_string() })?;
-        self.ctx.table_schema(&relation, target).await
+        self.ctx.table_schema(&relation, &[], target).await
     }
 
     fn tasks_for(
@@ -696,6 +726,8 @@ impl FlowContext {
             expectations: self.flow.expectations.clone(),
             quarantine_url: self.flow.quarantine.to_string(),
             storage: self.storage.clone(),
+            tables: Vec::new(),
+            ballista: None,
         }
     }
 
@@ -759,14 +791,86 @@ impl FlowContext {
 
     /// The schema rows are written with, and the Delta schema for creating the
     /// table, for a transform over `relation`.
+    /// Where the transform of a batch over a whole table runs: on the
+    /// cluster's Ballista executors (`Some`), or in the worker (`None`).
+    /// `engine: auto` goes to Ballista only for a transform that needs a
+    /// shuffle, and only with more than one worker live.
+    pub(crate) async fn query_engine(
+        &self,
+        relation: &SchemaRef,
+        tables: &[PinnedTable],
+    ) -> Result<Option<BallistaRun>, CoordinatorError> {
+        if !matches!(self.flow.source, SourceSpec::Delta(_)) {
+            return Ok(None);
+        }
+        let Some(query) = &self.query else {
+            if self.flow.engine == Engine::Ballista {
+                debug!(flow = self.flow_name(), "engine: ballista runs locally in the embedded runtime");
+            }
+            return Ok(None);
+        };
+        let workers = query.live_workers();
+        let ballista = match self.flow.engine {
+            Engine::Local => false,
+            Engine::Ballista if workers == 0 => {
+                warn!(
+                    flow = self.flow_name(),
+                    "engine: ballista, but no live worker runs a Ballista executor; running locally"
+                );
+                false
+            }
+            Engine::Ballista => true,
+            Engine::Auto if workers < 2 => false,
+            Engine::Auto => {
+                let named: Vec<(String, SchemaRef)> =
+                    tables.iter().map(|t| (t.named.name.clone(), t.schema.clone())).collect();
+                transform::needs_shuffle(relation.clone(), &named, self.flow.transform.as_deref())
+                    .await
+                    .map_err(|source| CoordinatorError::Worker { flow: self.flow.name.clone(), source })?
+            }
+        };
+        let partitions = self.parallelism.load(Ordering::Relaxed).max(1) * 2;
+        Ok(ballista.then(|| BallistaRun { scheduler: query.scheduler.clone(), partitions }))
+    }
+
+    /// The flow's `tables:`, each at its latest version now.
+    pub(crate) async fn pin_tables(&self) -> Result<Vec<PinnedTable>, CoordinatorError> {
+        let mut pinned = Vec::with_capacity(self.flow.tables.len());
+        for (name, url) in &self.flow.tables {
+            let error = |message: String| CoordinatorError::Source {
+                flow: self.flow.name.clone(),
+                table: url.to_string(),
+                message: format!("`tables.{name}`: {message}"),
+            };
+            let table = load_table(url, &self.storage)
+                .await
+                .map_err(|e| error(e.to_string()))?
+                .ok_or_else(|| error("there is no Delta table here".to_string()))?;
+            let snapshot = table.snapshot().map_err(|e| error(e.to_string()))?;
+            pinned.push(PinnedTable {
+                named: NamedTable {
+                    name: name.clone(),
+                    table_url: url.to_string(),
+                    version: table.version().unwrap_or(0),
+                },
+                schema: snapshot.snapshot().arrow_schema(),
+            });
+        }
+        Ok(pinned)
+    }
+
+    /// The sink's schema (Arrow, Delta) for the transform over `relation`
+    /// (and `tables`, by name).
     pub(crate) async fn table_schema(
         &self,
         relation: &SchemaRef,
+        tables: &[PinnedTable],
         target: Option<&DeltaTable>,
     ) -> Result<(Schema, deltalake::kernel::StructType), CoordinatorError> {
         let flow = self.flow_name().to_string();
         let schema_error = |message: String| CoordinatorError::Schema { flow: flow.clone(), message };
-        let produced = transform::output_schema(relation.clone(), self.flow.transform.as_deref())
+        let named: Vec<(String, SchemaRef)> = tables.iter().map(|t| (t.named.name.clone(), t.schema.clone())).collect();
+        let produced = transform::output_schema(relation.clone(), &named, self.flow.transform.as_deref())
             .await
             .map_err(|source| CoordinatorError::Worker { flow: flow.clone(), source })?;
         Expectations::compile(&self.flow.expectations, &Arc::new(produced.clone())).map_err(&schema_error)?;

@@ -39,6 +39,8 @@ pub struct RunEnvironment {
     pub progress: ProgressSink,
     /// Checked before every commit (a cluster coordinator's leadership).
     pub fence: Option<Arc<dyn CommitFence>>,
+    /// The cluster's Ballista scheduler; `None` runs every transform locally.
+    pub query: Option<Arc<crate::flow_runner::QueryCluster>>,
 }
 
 enum Runner {
@@ -102,6 +104,7 @@ async fn run_rounds(
                 timings: env.timings,
                 progress: env.progress.for_pipeline(&spec.name),
                 fence: env.fence.clone(),
+                query: env.query.clone(),
             };
             match &flow.source {
                 SourceSpec::Files(files) => Runner::Files(Box::new(FlowRunner::new(ctx, files.clone()))),

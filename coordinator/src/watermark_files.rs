@@ -140,7 +140,7 @@ impl WatermarkFilesRunner {
         let source_schema = Arc::new(schema);
         let relation = with_metadata_field(&source_schema)
             .map_err(|e| CoordinatorError::Schema { flow: flow.clone(), message: e.to_string() })?;
-        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, target.as_ref()).await?;
+        let (table_schema, delta_schema) = self.ctx.table_schema(&relation, &[], target.as_ref()).await?;
         let merge = self.ctx.merge_task(target.as_ref());
         let batch = committed.unwrap_or(0);
         let now_us = chrono::Utc::now().timestamp_micros();

@@ -130,7 +130,17 @@ impl TaskQueue<'_> {
             }
             let task: TaskSpec = decode(key, value)?;
             let claim = claim_value(worker, &format!("{lease:x}-{}-{}", task.attempt, self.kv_nonce()));
-            if self.kv.create_if_absent(&self.keys.claim(&task.id), claim.clone().into_bytes(), Some(lease)).await? {
+            let claim_key = self.keys.claim(&task.id);
+            if self.kv.create_if_absent(&claim_key, claim.clone().into_bytes(), Some(lease)).await? {
+                // The listings above are not one snapshot: a batch cleared in
+                // between (its tasks go first, then its claims and outcomes)
+                // can leave a task listed whose claim was just deleted. A claim
+                // on a task that is gone, or handed out again since, is dropped
+                // rather than run for nothing.
+                if self.kv.get(key).await?.as_deref() != Some(value.as_slice()) {
+                    self.kv.delete(&claim_key).await?;
+                    continue;
+                }
                 return Ok(Some((task, claim)));
             }
         }
@@ -190,6 +200,8 @@ mod tests {
             expectations: vec![],
             storage: Default::default(),
             quarantine_url: "file:///t_quarantine/".into(),
+            tables: Vec::new(),
+            ballista: None,
         }
     }
 

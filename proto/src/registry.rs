@@ -32,6 +32,10 @@ pub struct LeaderValue {
     pub address: String,
     /// The lease it holds leadership under; makes every term's value unique.
     pub lease: i64,
+    /// Where its Ballista scheduler listens (`host:port`), which every
+    /// worker's executor polls; `None` when it runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ballista: Option<String>,
 }
 
 impl PipelineRecord {

@@ -70,6 +70,12 @@ pub struct RawFlow {
     /// expectation go (default: the sink's location with `_quarantine` appended).
     #[serde(default)]
     pub quarantine: Option<String>,
+    /// Where the transform runs: `auto` (default), `local` or `ballista`.
+    #[serde(default)]
+    pub engine: Engine,
+    /// More Delta tables the transform can read by name, beside `source`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +251,35 @@ pub struct FlowSpec {
     /// The Delta table of rows that could not be decoded or failed a
     /// `quarantine` expectation, and of files that could not be read.
     pub quarantine: Url,
+    pub engine: Engine,
+    /// Tables the transform reads by name beside `source` (`tables:`), each
+    /// read whole at its latest version when a batch is planned.
+    pub tables: BTreeMap<String, Url>,
+}
+
+/// Where a flow's transform runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// On Ballista when the transform needs a shuffle (an aggregation, a join,
+    /// a window, a distinct) and more than one worker is live; locally otherwise.
+    #[default]
+    Auto,
+    /// In the worker that runs the task, with DataFusion.
+    Local,
+    /// On the cluster's Ballista executors (in a cluster; the embedded
+    /// runtime runs every transform locally).
+    Ballista,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Local => "local",
+            Engine::Ballista => "ballista",
+        }
+    }
 }
 
 /// A named check on each output row of a flow, and what a failing row does.
@@ -580,6 +615,9 @@ pub struct MergeSpec {
     pub replace_rows_per_key: bool,
 }
 
+/// The relation a transform reads its source as.
+pub const SOURCE_RELATION: &str = "source";
+
 /// The default `delete_when` of a merge fed by a change data feed.
 pub const CDF_DELETE_WHEN: &str = "_change_type = 'delete'";
 
@@ -751,7 +789,37 @@ impl FlowSpec {
             return Err(SpecError::invalid(format!("{field}.quarantine"), "must not be the sink's own table"));
         }
         let expectations = parse_expectations(raw.expectations, field)?;
-        Ok(Self { name: raw.name, source, transform, sink, expectations, quarantine })
+        let shuffles_whole_input = matches!(source, SourceSpec::Delta(_));
+        if raw.engine == Engine::Ballista && !shuffles_whole_input {
+            return Err(SpecError::invalid(
+                format!("{field}.engine"),
+                "`ballista` runs a transform over a whole table: it needs a `delta:` source \
+                 (files and change feeds are split into independent tasks and run locally)",
+            ));
+        }
+        if !raw.tables.is_empty() && source.table().is_none() {
+            return Err(SpecError::invalid(
+                format!("{field}.tables"),
+                "joins tables into a flow that reads a Delta table (`delta`, `delta_changes`, or a watermark over a \
+                 table); a flow over files cannot use it yet: load the files into a table first, and join in the next flow",
+            ));
+        }
+        let mut tables = BTreeMap::new();
+        for (name, location) in raw.tables {
+            let at = format!("{field}.tables.{name}");
+            validate_name(&at, &name)?;
+            if name == crate::spec::SOURCE_RELATION {
+                return Err(SpecError::invalid(at, "`source` is the flow's own source; give this table another name"));
+            }
+            if location.trim().starts_with("flow:") {
+                return Err(SpecError::invalid(
+                    at,
+                    "takes a table's location; `flow:` names are for sources (a table read here does not order the flows)",
+                ));
+            }
+            tables.insert(name, parse_location(&at, &location, base_dir)?);
+        }
+        Ok(Self { name: raw.name, source, transform, sink, expectations, quarantine, engine: raw.engine, tables })
     }
 }
 
@@ -952,6 +1020,7 @@ fn storage_of(base: BTreeMap<String, String>, flows: &[FlowSpec]) -> StorageOpti
             storage.add_scope(&table.url, &table.storage_options);
         }
     }
+
     storage
 }
 
@@ -1351,6 +1420,35 @@ flows:
     source: { files: { path: /landing, format: json } }
     sink: { table: /lake/bronze }
 "#;
+
+    #[test]
+    fn engine_and_tables_are_checked() {
+        let gold = MEDALLION.replace(
+            "    transform: SELECT StoreID",
+            "    engine: ballista\n    tables: { stores: /lake/stores }\n    transform: SELECT StoreID",
+        );
+        let spec = parse_pipeline(&gold, None).unwrap();
+        assert_eq!(spec.flows[0].engine, Engine::Ballista);
+        assert_eq!(spec.flows[0].tables["stores"].as_str(), "file:///lake/stores/");
+        assert_eq!(spec.flows[1].engine, Engine::Auto, "auto by default");
+        let err = error_of(&gold.replace("engine: ballista", "engine: spark"));
+        assert!(err.contains("engine") && err.contains("auto") && err.contains("ballista"), "{err}");
+        let err =
+            error_of(&MEDALLION.replace(
+                "    sink: { table: /lake/bronze }",
+                "    engine: ballista\n    sink: { table: /lake/bronze }",
+            ));
+        assert!(err.contains("flows[2].engine") && err.contains("`delta:` source"), "{err}");
+        let err = error_of(&MEDALLION.replace(
+            "    sink: { table: /lake/bronze }",
+            "    tables: { stores: /lake/stores }\n    sink: { table: /lake/bronze }",
+        ));
+        assert!(err.contains("flows[2].tables") && err.contains("flow over files"), "{err}");
+        let err = error_of(&gold.replace("stores: /lake/stores", "source: /lake/stores"));
+        assert!(err.contains("`source` is the flow's own source"), "{err}");
+        let err = error_of(&gold.replace("stores: /lake/stores", "stores: \"flow:silver\""));
+        assert!(err.contains("takes a table's location"), "{err}");
+    }
 
     #[test]
     fn flow_references_resolve_and_order_the_flows() {

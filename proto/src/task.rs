@@ -83,6 +83,31 @@ pub struct TaskSpec {
     /// resolved by the worker, from its own environment).
     #[serde(default, skip_serializing_if = "StorageOptions::is_empty")]
     pub storage: StorageOptions,
+    /// Tables the transform reads by name beside `source`, each at the
+    /// version pinned when the batch was planned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<NamedTable>,
+    /// Set when the transform runs on the cluster's Ballista executors
+    /// instead of in the worker; the worker streams the result and writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ballista: Option<BallistaRun>,
+}
+
+/// A Delta table a transform reads under `name`, at `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedTable {
+    pub name: String,
+    pub table_url: String,
+    pub version: u64,
+}
+
+/// Where a transform runs on Ballista.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BallistaRun {
+    /// The scheduler's gRPC address, `host:port`.
+    pub scheduler: String,
+    /// How many partitions the query's stages are cut into (the executors' slots).
+    pub partitions: usize,
 }
 
 /// What a task reads from a Delta table. `source_schema` is then the relation's
@@ -270,6 +295,9 @@ pub struct WorkerRegistration {
     pub id: String,
     /// Tasks it runs at a time.
     pub slots: u32,
+    /// Whether it runs a Ballista executor (shuffle stages).
+    #[serde(default)]
+    pub executor: bool,
 }
 
 /// The value of a claim key: the claiming worker and a token unique to this

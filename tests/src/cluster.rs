@@ -288,6 +288,8 @@ impl Cluster {
             .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--lease-ttl", &self.lease_ttl])
             .args(["--id", &format!("coordinator-{index}")])
+            // Its Ballista scheduler on a free loopback port (tests run side by side).
+            .args(["--ballista-listen", "127.0.0.1:0"])
             .env("SLUICE_LOG", "info,sluice_coordinator=debug")
             .env("SLUICE_FAILPOINTS", failpoints);
         self.coordinators.push(Proc::spawn(&format!("coordinator-{index}"), command));
@@ -333,6 +335,7 @@ impl Cluster {
             .args(["--etcd", &self.etcd.endpoint(), "--namespace", &self.namespace])
             .args(["--slots", &slots.to_string(), "--lease-ttl", &self.lease_ttl])
             .args(["--id", &format!("worker-{index}")])
+            .args(["--ballista-listen", "127.0.0.1:0"])
             .env("SLUICE_LOG", "info");
         command
     }

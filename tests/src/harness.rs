@@ -20,8 +20,15 @@ pub fn sluice_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
-    let bin = profile_dir.join(format!("sluice-cli{}", std::env::consts::EXE_SUFFIX));
+    let name = format!("sluice-cli{}", std::env::consts::EXE_SUFFIX);
+    // Beside this program (a benchmark in target/<profile>/), or one folder up
+    // (a test in target/<profile>/deps/).
+    let here = exe.parent().expect("a folder").join(&name);
+    let bin = if here.exists() {
+        here
+    } else {
+        exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps").join(&name)
+    };
     assert!(bin.exists(), "{} is missing: `cargo test` builds it", bin.display());
     bin
 }

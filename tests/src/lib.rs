@@ -7,4 +7,5 @@ pub mod cluster;
 pub mod harness;
 pub mod invoices;
 pub mod object_stores;
+pub mod sales;
 pub mod tls;

@@ -58,6 +58,7 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
         let position = |name: &str| env.iter().position(|v| v["name"] == name);
         // $(POD_IP) expands only when POD_IP is defined earlier in the list.
         assert!(position("POD_IP") < position("SLUICE_ADVERTISE"), "{overlay}: POD_IP after its use");
+        assert!(position("POD_IP") < position("SLUICE_BALLISTA_ADVERTISE"), "{overlay}: POD_IP after its use");
         let tls = overlay.ends_with("-tls");
         assert_eq!(position("SLUICE_TLS_CERT").is_some(), tls, "{overlay}: TLS on the API");
         // The kubelet's gRPC probes speak plain text: with TLS they go to the health-only port.
@@ -71,6 +72,11 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
         let grace =
             worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().expect("a grace period");
         let env = &worker["spec"]["template"]["spec"]["containers"][0]["env"];
+        let worker_position = |name: &str| env.as_array().and_then(|e| e.iter().position(|v| v["name"] == name));
+        assert!(
+            worker_position("POD_IP") < worker_position("SLUICE_BALLISTA_ADVERTISE"),
+            "{overlay}: the worker's POD_IP after its use"
+        );
         let drain = env
             .as_array()
             .and_then(|e| e.iter().find(|v| v["name"] == "SLUICE_DRAIN_TIMEOUT"))

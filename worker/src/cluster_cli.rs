@@ -109,6 +109,17 @@ pub struct WorkerArgs {
     /// handed to other workers (keep it under the pod's termination grace period).
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    /// Where this worker's Ballista executor serves shuffle reads (Arrow
+    /// Flight) to the other executors and workers; port 0 picks a free one.
+    #[arg(long, env = "SLUICE_BALLISTA_LISTEN", default_value = "0.0.0.0:50051")]
+    pub ballista_listen: std::net::SocketAddr,
+    /// The host the others reach this executor at (in Kubernetes, the pod's
+    /// IP); the listen address when it names one, else the host name.
+    #[arg(long, env = "SLUICE_BALLISTA_ADVERTISE")]
+    pub ballista_advertise: Option<String>,
+    /// Run no Ballista executor: this worker then takes no part in shuffle stages.
+    #[arg(long, env = "SLUICE_NO_BALLISTA")]
+    pub no_ballista: bool,
 }
 
 /// One runtime thread per slot, as in the embedded runtime: a slot's reader and
@@ -172,8 +183,24 @@ async fn run(args: WorkerArgs, slots: usize) -> ExitCode {
             report_health(reporter, &[""], Duration::from_secs(1), down, stop_health, check).await;
         });
     }
-    let options = WorkerOptions { id, slots, timings, drain_timeout: args.drain_timeout };
+    let executor = (!args.no_ballista).then(|| {
+        let advertise_host = args.ballista_advertise.clone().unwrap_or_else(|| {
+            let ip = args.ballista_listen.ip();
+            if ip.is_unspecified() { host_name() } else { ip.to_string() }
+        });
+        let options = crate::ballista::executor::ExecutorOptions {
+            id: id.clone(),
+            listen: args.ballista_listen,
+            advertise_host,
+            vcores: slots,
+        };
+        tokio::spawn(crate::ballista::executor::follow_scheduler(kv.clone(), keys.clone(), options, shutdown.clone()))
+    });
+    let options = WorkerOptions { id, slots, timings, drain_timeout: args.drain_timeout, executor: executor.is_some() };
     run_worker(kv, keys, options, shutdown).await;
+    if let Some(executor) = executor {
+        executor.abort();
+    }
     info!("sluice-worker stopped");
     ExitCode::SUCCESS
 }
@@ -191,13 +218,18 @@ pub async fn connect_etcd(
     }
 }
 
-pub fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+/// This machine's host name, or `localhost`.
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "worker".to_string());
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+pub fn default_worker_id() -> String {
+    let host = host_name();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &suffix[..6])
 }

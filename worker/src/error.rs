@@ -20,6 +20,10 @@ pub enum WorkerError {
     Read(#[from] ReadError),
     #[error("transform failed: {0}")]
     Transform(String),
+    /// A query on the cluster's Ballista executors failed while it ran (an
+    /// executor lost, the scheduler unreachable); running it again may succeed.
+    #[error("the query on Ballista failed: {0}")]
+    Query(String),
     #[error("writing data files failed: {0}")]
     Write(#[from] DeltaTableError),
     #[error("storage: {0}")]
@@ -49,7 +53,11 @@ impl WorkerError {
     pub fn is_retryable(&self) -> bool {
         match self {
             WorkerError::Read(e) => e.retryable,
-            WorkerError::Write(_) | WorkerError::Storage(_) | WorkerError::Queue(_) | WorkerError::Cancelled => true,
+            WorkerError::Write(_)
+            | WorkerError::Storage(_)
+            | WorkerError::Queue(_)
+            | WorkerError::Query(_)
+            | WorkerError::Cancelled => true,
             WorkerError::Transform(_)
             | WorkerError::Location(_)
             | WorkerError::Schema(_)

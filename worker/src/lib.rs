@@ -11,6 +11,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(feature = "cluster")]
+pub mod ballista;
 pub mod change_data;
 #[cfg(feature = "cluster")]
 pub mod cluster_cli;

@@ -51,6 +51,10 @@ enum ReadEnd {
 }
 
 pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken) -> Result<TaskResult, WorkerError> {
+    #[cfg(feature = "cluster")]
+    if let Some(run) = &task.ballista {
+        return run_on_ballista(task, run, worker, cancel).await;
+    }
     let file_schema: SchemaRef = Arc::new(task.source_schema.clone());
     let table_schema: SchemaRef = Arc::new(task.table_schema.clone());
 
@@ -105,30 +109,74 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (_, Err(error)) => Err(error),
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
-            let entries = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
-            let origin = Origin { flow: &task.id.flow, batch: task.id.batch, at_us: task.ingest_time_us };
-            let quarantine_adds = quarantine::write(&task.quarantine_url, &entries, &origin, &task.storage).await?;
-            let quality = Quality {
-                malformed_rows: quarantine::count(&entries, quarantine::KIND_RECORD),
-                unreadable_files: quarantine::count(&entries, quarantine::KIND_FILE),
-                quarantined_rows: entries.len() as u64,
-                expectations: expected.counts,
-            };
-            Ok(TaskResult {
-                adds: to_values(&written.adds)?,
-                removes: to_values(&written.removes)?,
-                cdc: to_values(&written.cdc)?,
-                rows: written.rows,
-                files,
-                bytes_read: bytes,
-                worker: worker.to_string(),
-                merge: written.merge,
-                watermark,
-                quarantine_adds: to_values(&quarantine_adds)?,
-                quality,
-            })
+            let read = ReadTotals { bytes, files, watermark };
+            finish(task, worker, written, read, &quarantined, expected.counts).await
         }
     }
+}
+
+/// What the reading side of a task read.
+struct ReadTotals {
+    bytes: u64,
+    files: u64,
+    watermark: Option<i64>,
+}
+
+/// Writes the task's quarantined rows and builds its result.
+async fn finish(
+    task: &TaskSpec,
+    worker: &str,
+    written: Written,
+    read: ReadTotals,
+    quarantined: &Collector,
+    expectations: std::collections::BTreeMap<String, sluice_proto::task::ExpectationCount>,
+) -> Result<TaskResult, WorkerError> {
+    let entries = std::mem::take(&mut *quarantined.lock().unwrap_or_else(|e| e.into_inner()));
+    let origin = Origin { flow: &task.id.flow, batch: task.id.batch, at_us: task.ingest_time_us };
+    let quarantine_adds = quarantine::write(&task.quarantine_url, &entries, &origin, &task.storage).await?;
+    let quality = Quality {
+        malformed_rows: quarantine::count(&entries, quarantine::KIND_RECORD),
+        unreadable_files: quarantine::count(&entries, quarantine::KIND_FILE),
+        quarantined_rows: entries.len() as u64,
+        expectations,
+    };
+    Ok(TaskResult {
+        adds: to_values(&written.adds)?,
+        removes: to_values(&written.removes)?,
+        cdc: to_values(&written.cdc)?,
+        rows: written.rows,
+        files: read.files,
+        bytes_read: read.bytes,
+        worker: worker.to_string(),
+        merge: written.merge,
+        watermark: read.watermark,
+        quarantine_adds: to_values(&quarantine_adds)?,
+        quality,
+    })
+}
+
+/// Runs the task's transform on Ballista and writes its output here.
+#[cfg(feature = "cluster")]
+async fn run_on_ballista(
+    task: &TaskSpec,
+    run: &sluice_proto::task::BallistaRun,
+    worker: &str,
+    cancel: &CancellationToken,
+) -> Result<TaskResult, WorkerError> {
+    let table_schema: SchemaRef = Arc::new(task.table_schema.clone());
+    let quarantined: Collector = Arc::default();
+    let expected = Arc::new(Mutex::new(Outcome::default()));
+    let stream = crate::ballista::query::execute(task, run).await?;
+    let written = tokio::select! {
+        written = write_stream(task, stream, &table_schema, &quarantined, &expected) => written?,
+        _ = cancel.cancelled() => return Err(WorkerError::Cancelled),
+    };
+    let expected = std::mem::take(&mut *expected.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(message) = expected.failed {
+        return Err(WorkerError::Expectation(message));
+    }
+    let read = ReadTotals { bytes: 0, files: 0, watermark: None };
+    finish(task, worker, written, read, &quarantined, expected.counts).await
 }
 
 /// Delta actions as JSON values, as they travel back to the coordinator.
@@ -348,7 +396,19 @@ async fn write_output(
     quarantined: &Collector,
     expected: &Arc<Mutex<Outcome>>,
 ) -> Result<Written, WorkerError> {
-    let mut stream = transform::execute(relation_schema, receiver, task.transform.as_deref()).await?;
+    let stream =
+        transform::execute(relation_schema, receiver, task.transform.as_deref(), &task.tables, &task.storage).await?;
+    write_stream(task, stream, table_schema, quarantined, expected).await
+}
+
+/// Writes the transform's output: data files below the table, or a merge.
+async fn write_stream(
+    task: &TaskSpec,
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+    table_schema: &SchemaRef,
+    quarantined: &Collector,
+    expected: &Arc<Mutex<Outcome>>,
+) -> Result<Written, WorkerError> {
     if !task.expectations.is_empty() {
         let checks = Expectations::compile(&task.expectations, &stream.schema()).map_err(WorkerError::Expectation)?;
         stream = checks.apply(stream, quarantined.clone(), expected.clone());
@@ -397,6 +457,19 @@ async fn write_output(
     }
 }
 
+/// A transform's failure while its output streams; a query on Ballista that
+/// failed on the way keeps its own (retryable) error.
+fn stream_failure(error: DataFusionError) -> WorkerError {
+    match error {
+        DataFusionError::External(inner) => match inner.downcast::<WorkerError>() {
+            Ok(error) => *error,
+            Err(inner) => WorkerError::Transform(inner.to_string()),
+        },
+        DataFusionError::Context(_, inner) => stream_failure(*inner),
+        other => WorkerError::Transform(other.to_string()),
+    }
+}
+
 /// Writes every batch of the transform's output; returns the number of rows.
 async fn drain(
     stream: &mut datafusion::execution::SendableRecordBatchStream,
@@ -405,7 +478,7 @@ async fn drain(
 ) -> Result<u64, WorkerError> {
     let mut rows = 0u64;
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(|e| WorkerError::Transform(e.to_string()))?;
+        let batch = batch.map_err(stream_failure)?;
         let batch = conform_batch(&batch, table_schema).map_err(|e| WorkerError::Schema(e.to_string()))?;
         rows += batch.num_rows() as u64;
         writer.write(&batch).await?;

@@ -73,14 +73,77 @@ fn transform_error(error: DataFusionError) -> WorkerError {
     WorkerError::Transform(error.to_string())
 }
 
-/// Plans the transform over an empty `source` and returns its output schema,
-/// which also checks the SQL before any data is read.
-pub async fn output_schema(source: SchemaRef, transform: Option<&str>) -> Result<Schema, WorkerError> {
+/// The transform's logical plan over empty relations of the given schemas.
+async fn plan_over_empty(
+    source: SchemaRef,
+    tables: &[(String, SchemaRef)],
+    transform: Option<&str>,
+) -> Result<datafusion::dataframe::DataFrame, WorkerError> {
     let ctx = session_context();
     ctx.register_table(SOURCE_RELATION, Arc::new(EmptyTable::new(source))).map_err(transform_error)?;
-    let frame =
-        ctx.sql_with_options(transform.unwrap_or(DEFAULT_TRANSFORM), sql_options()).await.map_err(transform_error)?;
+    for (name, schema) in tables {
+        ctx.register_table(name.as_str(), Arc::new(EmptyTable::new(schema.clone()))).map_err(transform_error)?;
+    }
+    ctx.sql_with_options(transform.unwrap_or(DEFAULT_TRANSFORM), sql_options()).await.map_err(transform_error)
+}
+
+/// Plans the transform over an empty `source` (and empty `tables`, by name)
+/// and returns its output schema, which also checks the SQL before any data is read.
+pub async fn output_schema(
+    source: SchemaRef,
+    tables: &[(String, SchemaRef)],
+    transform: Option<&str>,
+) -> Result<Schema, WorkerError> {
+    let frame = plan_over_empty(source, tables, transform).await?;
     Ok(frame.schema().as_arrow().clone())
+}
+
+/// Whether the transform needs rows of different parts of its input
+/// together: an aggregation, a join, a window, a distinct or a sort. Such a
+/// transform over a whole table is what a shuffle (Ballista) spreads over
+/// the cluster; a row-by-row one (projections, filters) is not.
+pub async fn needs_shuffle(
+    source: SchemaRef,
+    tables: &[(String, SchemaRef)],
+    transform: Option<&str>,
+) -> Result<bool, WorkerError> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::LogicalPlan;
+    let frame = plan_over_empty(source, tables, transform).await?;
+    let mut found = false;
+    frame
+        .logical_plan()
+        .apply(|node| {
+            found = matches!(
+                node,
+                LogicalPlan::Aggregate(_)
+                    | LogicalPlan::Join(_)
+                    | LogicalPlan::Window(_)
+                    | LogicalPlan::Distinct(_)
+                    | LogicalPlan::Sort(_)
+            );
+            Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+        })
+        .map_err(transform_error)?;
+    Ok(found)
+}
+
+/// Registers each of `tables` in `ctx` under its name: the Delta table at its pinned version.
+pub async fn register_tables(
+    ctx: &SessionContext,
+    tables: &[sluice_proto::task::NamedTable],
+    storage: &sluice_proto::storage::StorageOptions,
+) -> Result<(), WorkerError> {
+    for named in tables {
+        let url = crate::storage::parse_url(&named.table_url)?;
+        let table = crate::delta_source::open_table(&url, Some(named.version), storage)
+            .await
+            .map_err(|e| WorkerError::Read(crate::delta_source::read_error(&named.table_url, e)))?;
+        table.update_datafusion_session(&ctx.state()).map_err(|e| WorkerError::Transform(e.to_string()))?;
+        let provider = table.table_provider().await.map_err(|e| WorkerError::Transform(e.to_string()))?;
+        ctx.register_table(named.name.as_str(), provider).map_err(transform_error)?;
+    }
+    Ok(())
 }
 
 /// Runs the transform over the batches arriving on `input`.
@@ -88,8 +151,11 @@ pub async fn execute(
     source: SchemaRef,
     input: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
     transform: Option<&str>,
+    tables: &[sluice_proto::task::NamedTable],
+    storage: &sluice_proto::storage::StorageOptions,
 ) -> Result<SendableRecordBatchStream, WorkerError> {
     let ctx = session_context();
+    register_tables(&ctx, tables, storage).await?;
     let partition = Arc::new(OneShotPartition { schema: source.clone(), input: Mutex::new(Some(input)) });
     let table = StreamingTable::try_new(source, vec![partition]).map_err(transform_error)?;
     ctx.register_table(SOURCE_RELATION, Arc::new(table)).map_err(transform_error)?;

@@ -33,6 +33,8 @@ pub struct WorkerOptions {
     pub timings: LeaseTimings,
     /// On shutdown, how long running tasks may take to finish before they are abandoned.
     pub drain_timeout: Duration,
+    /// Whether this worker runs a Ballista executor (announced in its registration).
+    pub executor: bool,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -94,7 +96,8 @@ pub async fn run_worker(kv: Arc<dyn KvStore>, keys: Keys, options: WorkerOptions
 async fn register(kv: &dyn KvStore, keys: &Keys, options: &WorkerOptions) -> Result<LeaseId, WorkerError> {
     let queue_error = |e| WorkerError::Queue(sluice_proto::queue::QueueError::Kv(e));
     let lease = kv.grant_lease(options.timings.ttl).await.map_err(queue_error)?;
-    let registration = WorkerRegistration { id: options.id.clone(), slots: options.slots.max(1) as u32 };
+    let registration =
+        WorkerRegistration { id: options.id.clone(), slots: options.slots.max(1) as u32, executor: options.executor };
     let value = serde_json::to_vec(&registration).unwrap_or_default();
     if !kv.create_if_absent(&keys.worker(&options.id), value, Some(lease)).await.map_err(queue_error)? {
         // Our previous registration, whose lease has not expired yet: it goes with that lease.

@@ -56,6 +56,32 @@ pub struct CoordinatorArgs {
     /// Kubernetes' gRPC probes, which cannot speak TLS, when the API does.
     #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Where this coordinator's Ballista scheduler listens (gRPC). The
+    /// leader's runs the cluster's shuffle stages; every worker's executor
+    /// polls it. Port 0 picks a free one.
+    #[arg(long, env = "SLUICE_BALLISTA_LISTEN", default_value = "0.0.0.0:50050")]
+    pub ballista_listen: SocketAddr,
+    /// The host workers reach the scheduler at (in Kubernetes, the pod's IP);
+    /// the listen address when it names one, else the host of `--advertise`.
+    #[arg(long, env = "SLUICE_BALLISTA_ADVERTISE")]
+    pub ballista_advertise: Option<String>,
+    /// Run no Ballista scheduler: every transform then runs locally in a worker.
+    #[arg(long, env = "SLUICE_NO_BALLISTA")]
+    pub no_ballista: bool,
+}
+
+/// The host the scheduler is advertised at by default: its listen address
+/// when that names one, else the host of the API's advertised address.
+fn ballista_host(args: &CoordinatorArgs, advertise: &str) -> String {
+    let ip = args.ballista_listen.ip();
+    if !ip.is_unspecified() {
+        return ip.to_string();
+    }
+    url::Url::parse(advertise)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .filter(|h| h != "0.0.0.0" && h != "[::]")
+        .unwrap_or_else(|| "localhost".to_string())
 }
 
 pub fn main() -> ExitCode {
@@ -150,14 +176,27 @@ async fn run(args: CoordinatorArgs) -> ExitCode {
         report_health(health, &services, Duration::from_secs(2), "etcd is unreachable", health_stop, check).await;
     });
 
+    let scheduler = if args.no_ballista {
+        None
+    } else {
+        let host = args.ballista_advertise.clone().unwrap_or_else(|| ballista_host(&args, &advertise));
+        match super::scheduler::start(args.ballista_listen, &host, &id).await {
+            Ok(scheduler) => Some(scheduler.address),
+            Err(e) => {
+                eprintln!("error: {e} (or run without one: --no-ballista)");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     while !shutdown.is_cancelled() {
-        let Some(leadership) = Leadership::campaign(kv.clone(), &keys, &id, &advertise, timings, &shutdown).await
+        let Some(leadership) =
+            Leadership::campaign(kv.clone(), &keys, &id, &advertise, scheduler.as_deref(), timings, &shutdown).await
         else {
             break;
         };
         let leadership = Arc::new(leadership);
         metrics::gauge!(sluice_worker::telemetry::LEADER).set(1.0);
-        let manager = Manager::new(kv.clone(), keys.clone(), timings, leadership.clone());
+        let manager = Manager::new(kv.clone(), keys.clone(), timings, leadership.clone(), scheduler.clone());
         let lead = tokio::spawn(manager.lead());
         let lost = leadership.lost();
         tokio::select! {

@@ -41,6 +41,7 @@ impl Leadership {
         keys: &Keys,
         id: &str,
         address: &str,
+        ballista: Option<&str>,
         timings: LeaseTimings,
         shutdown: &CancellationToken,
     ) -> Option<Leadership> {
@@ -55,7 +56,12 @@ impl Leadership {
                     continue;
                 }
             };
-            let me = LeaderValue { id: id.to_string(), address: address.to_string(), lease };
+            let me = LeaderValue {
+                id: id.to_string(),
+                address: address.to_string(),
+                lease,
+                ballista: ballista.map(str::to_string),
+            };
             let value = me.encode();
             while !shutdown.is_cancelled() {
                 match kv.create_if_absent(&key, value.clone(), Some(lease)).await {
@@ -174,11 +180,11 @@ mod tests {
         let keys = Keys::new("t");
         let timings = LeaseTimings { ttl: Duration::from_secs(2) };
         let shutdown = CancellationToken::new();
-        let first = Leadership::campaign(kv.clone(), &keys, "a", "a:1", timings, &shutdown).await.unwrap();
+        let first = Leadership::campaign(kv.clone(), &keys, "a", "a:1", None, timings, &shutdown).await.unwrap();
         assert!(first.check().await.is_ok());
         let standby = {
             let (kv, keys, shutdown) = (kv.clone(), keys.clone(), shutdown.clone());
-            tokio::spawn(async move { Leadership::campaign(kv, &keys, "b", "b:1", timings, &shutdown).await })
+            tokio::spawn(async move { Leadership::campaign(kv, &keys, "b", "b:1", None, timings, &shutdown).await })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!standby.is_finished(), "two leaders at once");

@@ -9,7 +9,7 @@
 //! is lost, every run is aborted at once: nothing it did is visible until a
 //! commit, and it can no longer commit (see [`super::leader`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +20,7 @@ use sluice_proto::kv::KvStore;
 use sluice_proto::pb::v1::{PipelineState, PipelineStatus};
 use sluice_proto::registry::{Desired, PipelineRecord};
 use sluice_proto::spec::{PipelineSpec, parse_pipeline};
+use sluice_proto::task::WorkerRegistration;
 use sluice_proto::timing::LeaseTimings;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 
 use super::leader::Leadership;
 use super::status::{self, apply, is_terminal, now_ms, pending_status, read_status, workers_in};
+use crate::flow_runner::QueryCluster;
 use crate::pipeline_runner::{RunEnvironment, run_pipeline};
 use crate::progress::{ProgressEvent, ProgressSink};
 
@@ -50,18 +52,33 @@ pub struct Manager {
     timings: LeaseTimings,
     leadership: Arc<Leadership>,
     parallelism: Arc<AtomicUsize>,
+    query: Option<Arc<QueryCluster>>,
     runs: HashMap<String, ActiveRun>,
 }
 
 impl Manager {
-    pub fn new(kv: Arc<dyn KvStore>, keys: Keys, timings: LeaseTimings, leadership: Arc<Leadership>) -> Self {
-        Self { kv, keys, timings, leadership, parallelism: Arc::new(AtomicUsize::new(1)), runs: HashMap::new() }
+    /// `scheduler`: this coordinator's Ballista scheduler, if it runs one.
+    pub fn new(
+        kv: Arc<dyn KvStore>,
+        keys: Keys,
+        timings: LeaseTimings,
+        leadership: Arc<Leadership>,
+        scheduler: Option<String>,
+    ) -> Self {
+        let parallelism = Arc::new(AtomicUsize::new(1));
+        let query = scheduler.map(|address| Arc::new(QueryCluster::new(address)));
+        Self { kv, keys, timings, leadership, parallelism, query, runs: HashMap::new() }
     }
 
     /// Leads until leadership is lost; then aborts every run.
     pub async fn lead(mut self) {
         let lost = self.leadership.lost();
-        let watcher = tokio::spawn(track_workers(self.kv.clone(), self.keys.clone(), self.parallelism.clone()));
+        let watcher = tokio::spawn(track_workers(
+            self.kv.clone(),
+            self.keys.clone(),
+            self.parallelism.clone(),
+            self.query.clone(),
+        ));
         while !lost.is_cancelled() {
             let revision = match self.kv.list(&self.keys.pipelines_prefix()).await {
                 Ok(listing) => {
@@ -146,6 +163,7 @@ impl Manager {
             timings: self.timings,
             leadership: self.leadership.clone(),
             parallelism: self.parallelism.clone(),
+            query: self.query.clone(),
             spec,
             cancel: cancel.clone(),
         };
@@ -172,14 +190,36 @@ async fn publish(leadership: &Leadership, keys: &Keys, name: &str, status: &mut 
     }
 }
 
-/// Keeps `parallelism` at the number of live worker slots.
-async fn track_workers(kv: Arc<dyn KvStore>, keys: Keys, parallelism: Arc<AtomicUsize>) {
+/// Keeps `parallelism` at the number of live worker slots and `query`'s
+/// count of workers with an executor; tells the scheduler at once of such a
+/// worker that is gone.
+async fn track_workers(
+    kv: Arc<dyn KvStore>,
+    keys: Keys,
+    parallelism: Arc<AtomicUsize>,
+    query: Option<Arc<QueryCluster>>,
+) {
     let prefix = keys.workers_prefix();
+    let mut known: BTreeSet<String> = BTreeSet::new();
     loop {
         match kv.list(&prefix).await {
             Ok(listing) => {
-                let slots: usize = workers_in(&listing).iter().map(|w| w.slots as usize).sum();
+                let workers = workers_in(&listing);
+                let slots: usize = workers.iter().map(|w| w.slots as usize).sum();
                 parallelism.store(slots.max(1), Ordering::Relaxed);
+                // The workers that run a Ballista executor.
+                let live: BTreeSet<String> = listing
+                    .entries
+                    .iter()
+                    .filter_map(|(_, v)| serde_json::from_slice::<WorkerRegistration>(v).ok())
+                    .filter(|w| w.executor)
+                    .map(|w| w.id)
+                    .collect();
+                if let Some(query) = &query {
+                    query.workers.store(live.len(), Ordering::Relaxed);
+                    super::scheduler::report_lost(&query.scheduler, &known, &live).await;
+                }
+                known = live;
                 let _ = kv.wait_for_change(&prefix, listing.revision, Duration::from_secs(2)).await;
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -193,6 +233,7 @@ struct PipelineRun {
     timings: LeaseTimings,
     leadership: Arc<Leadership>,
     parallelism: Arc<AtomicUsize>,
+    query: Option<Arc<QueryCluster>>,
     spec: PipelineSpec,
     cancel: CancellationToken,
 }
@@ -211,6 +252,7 @@ impl PipelineRun {
                 timings: self.timings,
                 progress: ProgressSink::new(sender),
                 fence: Some(self.leadership.clone() as Arc<dyn crate::flow_runner::CommitFence>),
+                query: self.query.clone(),
             };
             let before = committed(&status);
             let reporter =
