@@ -77,8 +77,10 @@ fn pinned(program: PathBuf, core: Option<usize>) -> Command {
     }
 }
 
+/// `sluice`, or `sluice-cli` beside it: the same program, built by
+/// `cargo build --release -p sluice-tests --bins` with this benchmark.
 fn sluice_binary() -> anyhow::Result<PathBuf> {
-    binary("sluice")
+    binary("sluice").or_else(|_| binary("sluice-cli"))
 }
 
 /// Runs the pipeline in `dir` on a fresh local cluster with `workers` worker

@@ -284,6 +284,33 @@ impl ExecutionPlan for DeltaFilesExec {
     }
 }
 
+/// Tables opened by this process's scans, by URL and version: the tasks of a
+/// query each scan a part of the same snapshot, which is loaded once.
+static OPENED: std::sync::Mutex<Vec<((String, u64), deltalake::DeltaTable)>> = std::sync::Mutex::new(Vec::new());
+
+/// Snapshots kept in [`OPENED`], the most recent last.
+const OPENED_KEPT: usize = 8;
+
+/// The table at the scan's version, opened once per process.
+async fn opened(table: &TableAtVersion) -> Result<deltalake::DeltaTable, crate::WorkerError> {
+    let key = (table.table_url.clone(), table.version);
+    if let Some((_, delta)) = OPENED.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
+        return Ok(delta.clone());
+    }
+    let url = parse_url(&table.table_url)?;
+    let delta = open_table(&url, Some(table.version), &table.storage)
+        .await
+        .map_err(|e| crate::WorkerError::Read(read_error(&table.table_url, e)))?;
+    let mut cache = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    if !cache.iter().any(|(k, _)| *k == key) {
+        if cache.len() >= OPENED_KEPT {
+            cache.remove(0);
+        }
+        cache.push((key, delta.clone()));
+    }
+    Ok(delta)
+}
+
 /// Reads `files` of the table through delta-rs, shaped as `projected`.
 async fn scan_files(
     table: Arc<TableAtVersion>,
@@ -296,10 +323,7 @@ async fn scan_files(
     }
     failpoint::hit(BALLISTA_SCAN).await;
     let external = |e: crate::WorkerError| DataFusionError::External(Box::new(e));
-    let url = parse_url(&table.table_url).map_err(external)?;
-    let delta = open_table(&url, Some(table.version), &table.storage)
-        .await
-        .map_err(|e| external(crate::WorkerError::Read(read_error(&table.table_url, e))))?;
+    let delta = opened(&table).await.map_err(external)?;
     let ctx = SessionContext::new();
     delta.update_datafusion_session(&ctx.state()).map_err(|e| DataFusionError::External(Box::new(e)))?;
     let provider = delta.table_provider().with_file_paths(files).build().await?;
