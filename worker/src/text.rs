@@ -149,6 +149,9 @@ pub struct TextReader {
     eof: bool,
     /// The start of a line whose end has not been read yet.
     carry: Vec<u8>,
+    /// Whole lines read and not decoded yet: the rest of a chunk whose first
+    /// line was joined with `carry` (a slice of the chunk, not a copy).
+    pending: Bytes,
     /// Whole lines being decoded.
     region: Bytes,
     /// The 1-based line number of `region`'s first byte.
@@ -183,6 +186,7 @@ impl TextReader {
             bytes,
             eof: false,
             carry: Vec::new(),
+            pending: Bytes::new(),
             region: Bytes::new(),
             region_line: 1,
             first_region: true,
@@ -298,6 +302,11 @@ impl TextReader {
         if !self.region.is_empty() {
             self.first_region = false;
         }
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            self.set_region(pending);
+            return Ok(true);
+        }
         loop {
             if self.eof {
                 if self.carry.is_empty() {
@@ -314,8 +323,12 @@ impl TextReader {
                         let lines = if self.carry.is_empty() {
                             chunk.slice(..=last)
                         } else {
+                            // Only the line the carry begins is copied; the
+                            // chunk's other lines follow as a slice of it.
+                            let first = memchr::memchr(b'\n', &chunk).unwrap_or(last);
                             let mut joined = std::mem::take(&mut self.carry);
-                            joined.extend_from_slice(&chunk[..=last]);
+                            joined.extend_from_slice(&chunk[..=first]);
+                            self.pending = chunk.slice(first + 1..=last);
                             Bytes::from(joined)
                         };
                         self.carry = chunk[last + 1..].to_vec();
