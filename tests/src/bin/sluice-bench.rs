@@ -105,12 +105,15 @@ fn cluster_run(dir: &Path, workers: usize, slots: usize, pin: bool) -> anyhow::R
     processes.0.push(
         Command::new(binary("sluice-coordinator")?)
             .args(["--etcd", &etcd.endpoint(), "--listen", &format!("127.0.0.1:{port}"), "--log", "warn"])
+            .args(["--ballista-listen", "127.0.0.1:0"])
             .stderr(log.try_clone()?)
             .spawn()?,
     );
     for index in 0..workers {
         let mut command = pinned(binary("sluice-worker")?, pin.then_some(index));
         command.args(["--etcd", &etcd.endpoint(), "--slots", &slots.to_string(), "--log", "warn"]);
+        // Each worker's Ballista executor on a port of its own.
+        command.args(["--ballista-listen", "127.0.0.1:0"]);
         processes.0.push(command.stderr(log.try_clone()?).spawn()?);
     }
     // Wait until the coordinator takes the probe pipeline (it answers) and its
