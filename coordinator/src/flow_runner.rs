@@ -97,6 +97,11 @@ pub(crate) struct PinnedTable {
     pub schema: SchemaRef,
 }
 
+/// Each pinned table's name and schema, as a transform is planned over them.
+fn schemas_of(tables: &[PinnedTable]) -> Vec<(String, SchemaRef)> {
+    tables.iter().map(|t| (t.named.name.clone(), t.schema.clone())).collect()
+}
+
 /// What a cluster's leader knows of its query engine, for flows deciding
 /// where a transform runs.
 #[derive(Debug)]
@@ -789,8 +794,6 @@ impl FlowContext {
         Some(MergeTask { spec, target_version: target.and_then(|t| t.version()) })
     }
 
-    /// The schema rows are written with, and the Delta schema for creating the
-    /// table, for a transform over `relation`.
     /// Where the transform of a batch over a whole table runs: on the
     /// cluster's Ballista executors (`Some`), or in the worker (`None`).
     /// `engine: auto` goes to Ballista only for a transform that needs a
@@ -822,9 +825,7 @@ impl FlowContext {
             Engine::Ballista => true,
             Engine::Auto if workers < 2 => false,
             Engine::Auto => {
-                let named: Vec<(String, SchemaRef)> =
-                    tables.iter().map(|t| (t.named.name.clone(), t.schema.clone())).collect();
-                transform::needs_shuffle(relation.clone(), &named, self.flow.transform.as_deref())
+                transform::needs_shuffle(relation.clone(), &schemas_of(tables), self.flow.transform.as_deref())
                     .await
                     .map_err(|source| CoordinatorError::Worker { flow: self.flow.name.clone(), source })?
             }
@@ -859,8 +860,8 @@ impl FlowContext {
         Ok(pinned)
     }
 
-    /// The sink's schema (Arrow, Delta) for the transform over `relation`
-    /// (and `tables`, by name).
+    /// The schema rows are written with, and the Delta schema for creating the
+    /// table, for a transform over `relation` (and `tables`, by name).
     pub(crate) async fn table_schema(
         &self,
         relation: &SchemaRef,
@@ -869,8 +870,7 @@ impl FlowContext {
     ) -> Result<(Schema, deltalake::kernel::StructType), CoordinatorError> {
         let flow = self.flow_name().to_string();
         let schema_error = |message: String| CoordinatorError::Schema { flow: flow.clone(), message };
-        let named: Vec<(String, SchemaRef)> = tables.iter().map(|t| (t.named.name.clone(), t.schema.clone())).collect();
-        let produced = transform::output_schema(relation.clone(), &named, self.flow.transform.as_deref())
+        let produced = transform::output_schema(relation.clone(), &schemas_of(tables), self.flow.transform.as_deref())
             .await
             .map_err(|source| CoordinatorError::Worker { flow: flow.clone(), source })?;
         Expectations::compile(&self.flow.expectations, &Arc::new(produced.clone())).map_err(&schema_error)?;

@@ -73,6 +73,12 @@ pub async fn open_table(
     builder.load().await
 }
 
+/// Opens the table at `table_url` at `version`; a failure is a read error about the table.
+pub async fn open_at(table_url: &str, version: u64, storage: &StorageOptions) -> Result<DeltaTable, WorkerError> {
+    let url = crate::storage::parse_url(table_url)?;
+    open_table(&url, Some(version), storage).await.map_err(|e| WorkerError::Read(read_error(table_url, e)))
+}
+
 fn source_error(table: &Url, error: DeltaTableError) -> WorkerError {
     WorkerError::Read(read_error(table.as_str(), error))
 }

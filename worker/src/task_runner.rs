@@ -99,10 +99,7 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
     if cancel.is_cancelled() {
         return Err(WorkerError::Cancelled);
     }
-    let expected = std::mem::take(&mut *expected.lock().unwrap_or_else(|e| e.into_inner()));
-    if let Some(message) = expected.failed {
-        return Err(WorkerError::Expectation(message));
-    }
+    let counts = expectation_counts(&expected)?;
     match (read_end, written) {
         (ReadEnd::Failed(error), _) => Err(WorkerError::Read(error)),
         (ReadEnd::NewColumns(found), _) => Err(WorkerError::NewColumns(Box::new(found))),
@@ -110,8 +107,19 @@ pub async fn run_task(task: &TaskSpec, worker: &str, cancel: &CancellationToken)
         (ReadEnd::Stopped, Ok(_)) => Err(WorkerError::Cancelled),
         (ReadEnd::Done { bytes, files, watermark }, Ok(written)) => {
             let read = ReadTotals { bytes, files, watermark };
-            finish(task, worker, written, read, &quarantined, expected.counts).await
+            finish(task, worker, written, read, &quarantined, counts).await
         }
+    }
+}
+
+/// The expectations' counts, or the error of one set to `fail` that failed.
+fn expectation_counts(
+    expected: &Mutex<Outcome>,
+) -> Result<std::collections::BTreeMap<String, sluice_proto::task::ExpectationCount>, WorkerError> {
+    let expected = std::mem::take(&mut *expected.lock().unwrap_or_else(|e| e.into_inner()));
+    match expected.failed {
+        Some(message) => Err(WorkerError::Expectation(message)),
+        None => Ok(expected.counts),
     }
 }
 
@@ -171,12 +179,9 @@ async fn run_on_ballista(
         written = write_stream(task, stream, &table_schema, &quarantined, &expected) => written?,
         _ = cancel.cancelled() => return Err(WorkerError::Cancelled),
     };
-    let expected = std::mem::take(&mut *expected.lock().unwrap_or_else(|e| e.into_inner()));
-    if let Some(message) = expected.failed {
-        return Err(WorkerError::Expectation(message));
-    }
+    let counts = expectation_counts(&expected)?;
     let read = ReadTotals { bytes: 0, files: 0, watermark: None };
-    finish(task, worker, written, read, &quarantined, expected.counts).await
+    finish(task, worker, written, read, &quarantined, counts).await
 }
 
 /// Delta actions as JSON values, as they travel back to the coordinator.

@@ -23,10 +23,15 @@ use crate::error::WorkerError;
 pub const SOURCE_RELATION: &str = "source";
 pub const DEFAULT_TRANSFORM: &str = "SELECT * FROM source";
 
-pub fn session_context() -> SessionContext {
-    let mut config = SessionConfig::new().with_target_partitions(1);
+/// How every transform's SQL is read: identifiers are case-sensitive as written.
+pub fn session_config(target_partitions: usize) -> SessionConfig {
+    let mut config = SessionConfig::new().with_target_partitions(target_partitions);
     config.options_mut().sql_parser.enable_ident_normalization = false;
-    SessionContext::new_with_config(config)
+    config
+}
+
+pub fn session_context() -> SessionContext {
+    SessionContext::new_with_config(session_config(1))
 }
 
 /// Queries only: no DDL, no DML, no `SET` or other statements.
@@ -135,10 +140,7 @@ pub async fn register_tables(
     storage: &sluice_proto::storage::StorageOptions,
 ) -> Result<(), WorkerError> {
     for named in tables {
-        let url = crate::storage::parse_url(&named.table_url)?;
-        let table = crate::delta_source::open_table(&url, Some(named.version), storage)
-            .await
-            .map_err(|e| WorkerError::Read(crate::delta_source::read_error(&named.table_url, e)))?;
+        let table = crate::delta_source::open_at(&named.table_url, named.version, storage).await?;
         table.update_datafusion_session(&ctx.state()).map_err(|e| WorkerError::Transform(e.to_string()))?;
         let provider = table.table_provider().await.map_err(|e| WorkerError::Transform(e.to_string()))?;
         ctx.register_table(named.name.as_str(), provider).map_err(transform_error)?;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::leader::Leadership;
-use super::status::{self, apply, is_terminal, now_ms, pending_status, read_status, workers_in};
+use super::status::{self, apply, is_terminal, now_ms, pending_status, read_status};
 use crate::flow_runner::QueryCluster;
 use crate::pipeline_runner::{RunEnvironment, run_pipeline};
 use crate::progress::{ProgressEvent, ProgressSink};
@@ -204,17 +204,12 @@ async fn track_workers(
     loop {
         match kv.list(&prefix).await {
             Ok(listing) => {
-                let workers = workers_in(&listing);
+                let workers: Vec<WorkerRegistration> =
+                    listing.entries.iter().filter_map(|(_, v)| serde_json::from_slice(v).ok()).collect();
                 let slots: usize = workers.iter().map(|w| w.slots as usize).sum();
                 parallelism.store(slots.max(1), Ordering::Relaxed);
                 // The workers that run a Ballista executor.
-                let live: BTreeSet<String> = listing
-                    .entries
-                    .iter()
-                    .filter_map(|(_, v)| serde_json::from_slice::<WorkerRegistration>(v).ok())
-                    .filter(|w| w.executor)
-                    .map(|w| w.id)
-                    .collect();
+                let live: BTreeSet<String> = workers.into_iter().filter(|w| w.executor).map(|w| w.id).collect();
                 if let Some(query) = &query {
                     query.workers.store(live.len(), Ordering::Relaxed);
                     super::scheduler::report_lost(&query.scheduler, &known, &live).await;

@@ -16,14 +16,14 @@ use std::sync::Arc;
 
 use ballista_core::extension::SessionConfigExt;
 use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use sluice_proto::task::{BallistaRun, DeltaReadKind, TaskSpec};
 use tracing::info;
 
 use super::scan::{DeltaSource, physical_codec};
 use crate::error::WorkerError;
-use crate::transform::{DEFAULT_TRANSFORM, SOURCE_RELATION, sql_options};
+use crate::transform::{DEFAULT_TRANSFORM, SOURCE_RELATION, session_config, sql_options};
 
 /// The transform's output, computed on Ballista.
 pub async fn execute(task: &TaskSpec, run: &BallistaRun) -> Result<SendableRecordBatchStream, WorkerError> {
@@ -34,10 +34,9 @@ pub async fn execute(task: &TaskSpec, run: &BallistaRun) -> Result<SendableRecor
         return Err(WorkerError::Bug("a Ballista task reads a table's snapshot".to_string()));
     };
     let codec = physical_codec();
-    let mut config = SessionConfig::new_with_ballista()
-        .with_target_partitions(run.partitions.max(1))
+    let config = session_config(run.partitions.max(1))
+        .upgrade_for_ballista()
         .with_ballista_physical_extension_codec(codec.clone());
-    config.options_mut().sql_parser.enable_ident_normalization = false;
     let state = SessionStateBuilder::new().with_config(config).with_default_features().build();
     let ctx = SessionContext::new_with_state(state);
     let source = DeltaSource::open(&read.table_url, version, &task.storage).await?;

@@ -40,9 +40,8 @@ use serde::{Deserialize, Serialize};
 use sluice_proto::storage::StorageOptions;
 
 use crate::conform::conform_batch;
-use crate::delta_source::{open_table, read_error};
+use crate::delta_source::{open_at, read_error};
 use crate::failpoint;
-use crate::storage::parse_url;
 
 /// An executor reaching a scan of its partition (crash tests).
 pub const BALLISTA_SCAN: &str = "ballista_scan";
@@ -77,10 +76,7 @@ pub struct DeltaSource {
 impl DeltaSource {
     /// Opens the table at `version` and lists its data files.
     pub async fn open(table_url: &str, version: u64, storage: &StorageOptions) -> Result<Self, crate::WorkerError> {
-        let url = parse_url(table_url)?;
-        let table = open_table(&url, Some(version), storage)
-            .await
-            .map_err(|e| crate::WorkerError::Read(read_error(table_url, e)))?;
+        let table = open_at(table_url, version, storage).await?;
         let snapshot = table.snapshot().map_err(|e| crate::WorkerError::Read(read_error(table_url, e)))?;
         let schema = snapshot.snapshot().arrow_schema();
         let files: Vec<DataFile> = snapshot
@@ -297,10 +293,7 @@ async fn opened(table: &TableAtVersion) -> Result<deltalake::DeltaTable, crate::
     if let Some((_, delta)) = OPENED.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
         return Ok(delta.clone());
     }
-    let url = parse_url(&table.table_url)?;
-    let delta = open_table(&url, Some(table.version), &table.storage)
-        .await
-        .map_err(|e| crate::WorkerError::Read(read_error(&table.table_url, e)))?;
+    let delta = open_at(&table.table_url, table.version, &table.storage).await?;
     let mut cache = OPENED.lock().unwrap_or_else(|e| e.into_inner());
     if !cache.iter().any(|(k, _)| *k == key) {
         if cache.len() >= OPENED_KEPT {
