@@ -112,6 +112,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    sluice_worker::allocator::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_format);
     match cli.command {

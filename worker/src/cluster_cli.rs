@@ -125,6 +125,7 @@ pub struct WorkerArgs {
 /// One runtime thread per slot, as in the embedded runtime: a slot's reader and
 /// its encoder overlap on the threads of the other slots.
 pub fn main() -> ExitCode {
+    crate::allocator::keep_freed_memory();
     let args = WorkerArgs::parse();
     init_tracing(&args.cluster.log, args.cluster.log_format == "json");
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);

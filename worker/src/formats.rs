@@ -20,8 +20,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::util::display::array_value_to_string;
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
@@ -29,6 +28,7 @@ use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream
 use sluice_proto::spec::{CsvOptions, Format, RESCUED_DATA, SchemaEvolution, SchemaSample};
 use sluice_proto::task::SourceFile;
 
+use crate::chunks::read_ahead;
 use crate::conform;
 use crate::conform::conform_batch;
 use crate::error::ReadError;
@@ -37,28 +37,10 @@ use crate::rescue;
 use crate::storage::{parse_url, store_for};
 use crate::text::{BadRecord, TextError, TextFormat, TextReader};
 use sluice_proto::storage::StorageOptions;
+use url::Url;
 
 /// Rows per decoded batch.
 pub const BATCH_ROWS: usize = 8192;
-
-/// Bytes read from the store at a time.
-pub const READ_CHUNK: u64 = 8 << 20;
-
-/// The file's first `size` bytes (its size when discovered) in chunks of
-/// [`READ_CHUNK`], one chunk read ahead of the decoder. object_store's own
-/// `get` stream reads local files 8 KiB at a time, each read a trip through the
-/// blocking thread pool, which made decoding wait on I/O.
-fn read_ahead(store: Arc<dyn ObjectStore>, path: Path, size: u64) -> BoxStream<'static, object_store::Result<Bytes>> {
-    let ranges: Vec<std::ops::Range<u64>> =
-        (0..size).step_by(READ_CHUNK as usize).map(|start| start..(start + READ_CHUNK).min(size)).collect();
-    futures::stream::iter(ranges)
-        .map(move |range| {
-            let (store, path) = (store.clone(), path.clone());
-            async move { store.get_range(&path, range).await }
-        })
-        .buffered(2)
-        .boxed()
-}
 
 /// Reads one file batch by batch.
 pub struct FileDecoder {
@@ -101,10 +83,11 @@ enum DecoderKind {
     Parquet(ParquetRecordBatchStream<ParquetObjectReader>),
 }
 
-/// The object store holding `file`, and the file's path in it.
-fn locate(file: &SourceFile, storage: &StorageOptions) -> Result<(Arc<dyn ObjectStore>, Path), ReadError> {
+/// The object store holding `file`, the file's path in it, and its URL.
+fn locate(file: &SourceFile, storage: &StorageOptions) -> Result<(Arc<dyn ObjectStore>, Path, Url), ReadError> {
     let url = parse_url(&file.url).map_err(|e| read_error(file, None, e.to_string(), false))?;
-    store_for(&url, storage).map_err(|e| read_error(file, None, e.to_string(), false))
+    let (store, path) = store_for(&url, storage).map_err(|e| read_error(file, None, e.to_string(), false))?;
+    Ok((store, path, url))
 }
 
 fn read_error(file: &SourceFile, line: Option<u64>, message: impl Into<String>, retryable: bool) -> ReadError {
@@ -132,7 +115,7 @@ impl FileDecoder {
         evolution: SchemaEvolution,
         storage: &StorageOptions,
     ) -> Result<Self, FileError> {
-        let (store, path) = locate(file, storage)?;
+        let (store, path, url) = locate(file, storage)?;
         // The file's columns that the schema lacks, and where they were found.
         let (kind, extra, line) = match format {
             Format::Json | Format::Csv => {
@@ -144,7 +127,7 @@ impl FileDecoder {
                 } else {
                     (schema.clone(), Vec::new())
                 };
-                let bytes = read_ahead(store.clone(), path, file.size);
+                let bytes = read_ahead(store.clone(), path, &url, file.size);
                 let text = TextFormat::new(format, file_schema, csv.clone(), evolution, file.url.clone());
                 let reader = TextReader::new(text, bytes).map_err(|e| read_error(file, None, e.to_string(), false))?;
                 (DecoderKind::Text(reader), extra, Some(1))
@@ -361,7 +344,7 @@ async fn infer_file(
     budget: u64,
     storage: &StorageOptions,
 ) -> Result<Schema, ReadError> {
-    let (store, path) = locate(file, storage)?;
+    let (store, path, _) = locate(file, storage)?;
     let decode_error = |e: ArrowError| read_error(file, None, format!("cannot infer a schema: {e}"), false);
     match format {
         Format::Parquet => {

@@ -11,9 +11,11 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod allocator;
 #[cfg(feature = "cluster")]
 pub mod ballista;
 pub mod change_data;
+pub mod chunks;
 #[cfg(feature = "cluster")]
 pub mod cluster_cli;
 pub mod conform;

@@ -9,7 +9,7 @@
 //! again in groups of [`SMALL_GROUP`], and only a small group that fails is
 //! decoded line by line, to find its bad lines.
 //!
-//! [`READ_CHUNK`]: crate::formats::READ_CHUNK
+//! [`READ_CHUNK`]: crate::chunks::READ_CHUNK
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;

@@ -85,6 +85,7 @@ fn ballista_host(args: &CoordinatorArgs, advertise: &str) -> String {
 }
 
 pub fn main() -> ExitCode {
+    sluice_worker::allocator::keep_freed_memory();
     let args = CoordinatorArgs::parse();
     sluice_worker::cluster_cli::init_tracing(&args.cluster.log, args.cluster.log_format == "json");
     let runtime =
