@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use url::Url;
@@ -59,38 +59,34 @@ fn ranges(size: u64) -> Vec<Range<u64>> {
 }
 
 fn local_chunks(path: PathBuf, size: u64) -> BoxStream<'static, object_store::Result<Bytes>> {
-    let opened = {
-        let path = path.clone();
-        async move {
-            let open = tokio::task::spawn_blocking(move || File::open(&path).map_err(|e| io_error(&path, e)));
-            open.await.map_err(|e| generic(e.to_string()))?
-        }
+    let opened = async move {
+        let open = tokio::task::spawn_blocking(move || match File::open(&path) {
+            Ok(file) => Ok((Arc::new(file), Arc::new(path))),
+            Err(e) => Err(io_error(&path, e)),
+        });
+        open.await.map_err(|e| generic(e.to_string()))?
     };
     futures::stream::once(opened)
-        .map(move |file| match file {
-            Ok(file) => {
-                let (file, path) = (Arc::new(file), Arc::new(path.clone()));
-                futures::stream::iter(ranges(size))
-                    .map(move |range| {
-                        let (file, path) = (file.clone(), path.clone());
-                        async move {
-                            let read = tokio::task::spawn_blocking(move || read_chunk(&file, &path, range));
-                            read.await.map_err(|e| generic(e.to_string()))?
-                        }
-                    })
-                    .buffered(AHEAD)
-                    .boxed()
-            }
-            Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
+        .map_ok(move |(file, path)| {
+            futures::stream::iter(ranges(size))
+                .map(move |range| {
+                    let (file, path) = (file.clone(), path.clone());
+                    async move {
+                        let read = tokio::task::spawn_blocking(move || read_chunk(&file, &path, range));
+                        read.await.map_err(|e| generic(e.to_string()))?
+                    }
+                })
+                .buffered(AHEAD)
         })
-        .flatten()
+        .try_flatten()
         .boxed()
 }
 
-/// Reads `range` of the file into a buffer from the pool.
+/// Reads `range` (at most [`READ_CHUNK`] bytes) of the file into a buffer
+/// from the pool.
 fn read_chunk(file: &File, path: &std::path::Path, range: Range<u64>) -> object_store::Result<Bytes> {
     let len = (range.end - range.start) as usize;
-    let mut chunk = Chunk { buf: free_buffer(len), len };
+    let mut chunk = Chunk { buf: free_buffer(), len };
     let mut filled = 0;
     while filled < len {
         match file.read_at(&mut chunk.buf[filled..len], range.start + filled as u64) {
@@ -149,21 +145,17 @@ impl Drop for Chunk {
 
 static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// A buffer of at least `len` initialised bytes: a pooled one (already written,
-/// so never zeroed again), or a new zeroed one (fresh pages from the OS, which
-/// the kernel zeroes anyway).
-fn free_buffer(len: usize) -> Vec<u8> {
+/// A buffer of [`READ_CHUNK`] initialised bytes: a pooled one (already
+/// written, so never zeroed again), or a new zeroed one (fresh pages from the
+/// OS, which the kernel zeroes anyway).
+fn free_buffer() -> Vec<u8> {
     let pooled = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    match pooled {
-        Some(buf) if buf.len() >= len => buf,
-        _ => vec![0; (READ_CHUNK as usize).max(len)],
-    }
+    pooled.unwrap_or_else(|| vec![0; READ_CHUNK as usize])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::TryStreamExt;
 
     async fn read_all(url: &Url, size: u64) -> object_store::Result<Vec<Bytes>> {
         let (store, path) = crate::storage::store_for(url, &Default::default()).unwrap();
